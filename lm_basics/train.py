@@ -56,6 +56,7 @@ class TrainConfig:
     max_iters:int=100000 # maximum number of training iterations
     warmup_iters:int=2000 # number of warmup iterations
     grad_clip:float=1.0 # gradient clipping max norm (0 disables)
+    skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
     dtype:str='float32' # compute dtype: float32, bfloat16 or float16 (autocast)
     compile:bool=False # compile the model with torch.compile
     # checkpointing and logging
@@ -91,7 +92,7 @@ HELP = _field_help()
 TYPES = typing.get_type_hints(TrainConfig)
 TRAINING_ONLY = ('max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip',
                  'batch_size', 'gradient_accumulation_steps', 'checkpoint_interval', 'eval_interval', 'log_interval',
-                 'eval_iters', 'keep_last', 'keep_every', 'device', 'dtype', 'compile', 'use_wandb', 'wandb_project',
+                 'eval_iters', 'keep_last', 'keep_every', 'skip_nonfinite', 'device', 'dtype', 'compile', 'use_wandb', 'wandb_project',
                  'wandb_run_name', 'wandb_tags', 'train_data_path', 'val_data_path', 'dataset', 'data_dtype',
                  'checkpoint_dir', 'resume_from', 'seed')
 
@@ -151,6 +152,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
         need(getattr(cfg, k) >= 1, f"{k} must be a positive integer, got {getattr(cfg, k)}")
     need(cfg.max_iters >= 0, f"max_iters must be >= 0, got {cfg.max_iters}")
     need(cfg.keep_every >= 0, f"keep_every must be >= 0, got {cfg.keep_every}")
+    need(cfg.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {cfg.skip_nonfinite}")
     need(cfg.d_model % cfg.num_heads == 0,
          f"num_heads ({cfg.num_heads}) must divide d_model ({cfg.d_model}); try --num_heads "
          f"{max(h for h in range(1, min(cfg.num_heads, cfg.d_model) + 1) if cfg.d_model % h == 0 and (cfg.d_model // h) % 2 == 0) if cfg.d_model % 2 == 0 else 1}")
@@ -448,7 +450,7 @@ def train(cfg:TrainConfig, # the settings of the run
         f"Tokens per iteration: {tokens_per_iter:,}\n" + '-' * 80)
     ctx = autocast_context(device, cfg.dtype)
     model.train()
-    it, stopped = start_iter, None
+    it, stopped, skipped = start_iter, None, 0
     t_log, iters_since_log = time.perf_counter(), 0
     try:
         with StopSignal() as stop:
@@ -468,15 +470,24 @@ def train(cfg:TrainConfig, # the settings of the run
                     loss_sum += loss.detach()
                 scaler.unscale_(optimizer)
                 grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
+                if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm):  # before the step touches the weights
+                    skipped += 1
+                    last = latest_checkpoint(ckpt_dir)
+                    msg = (f"non-finite loss {loss_sum.item()} / gradient norm {grad_norm.item()} at iteration {it}")
+                    if skipped > cfg.skip_nonfinite:
+                        raise LMBasicsError(f"{msg}: stopped before the weights were updated; last good checkpoint: "
+                                            f"{last or 'none'}; lower --lr, raise --warmup_iters or check the data, then resume "
+                                            f"(--skip_nonfinite N tolerates N such steps)")
+                    say(f"Warning: {msg}: step skipped ({skipped} of at most {cfg.skip_nonfinite})")
+                    optimizer.zero_grad(set_to_none=True)
+                    record(it, {'train/skipped_nonfinite': skipped})
+                    it += 1; iters_since_log += 1
+                    continue
                 scaler.step(optimizer); scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 iters_since_log += 1
                 if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
-                    loss_v, norm_v = loss_sum.item(), grad_norm.item()   # the one synchronisation per log interval
-                    if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-                        last = latest_checkpoint(ckpt_dir)
-                        raise LMBasicsError(f"the loss became {loss_v} at iteration {it} (gradient norm {norm_v}); "
-                                            f"lower --lr or raise --warmup_iters and resume from {last or 'the start'}")
+                    loss_v, norm_v = loss_sum.item(), grad_norm.item()
                     dt = (time.perf_counter() - t_log) / iters_since_log
                     t_log, iters_since_log = time.perf_counter(), 0
                     record(it, {'train/loss': loss_v, 'train/learning_rate': lr, 'train/tokens_per_sec': tokens_per_iter / dt,

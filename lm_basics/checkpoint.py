@@ -9,12 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from .core import LMBasicsError
 
 # %% auto #0
-__all__ = ['FORMAT_VERSION', 'CHECKPOINT_RE', 'checkpoint_path', 'unwrap_model', 'save_checkpoint', 'read_checkpoint',
-           'load_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'clean_temporary_files', 'prune_checkpoints',
-           'rng_state', 'set_rng_state']
+__all__ = ['FORMAT_VERSION', 'CHECKPOINT_RE', 'checkpoint_path', 'unwrap_model', 'full_state_dicts', 'save_checkpoint',
+           'read_checkpoint', 'load_checkpoint', 'list_checkpoints', 'latest_checkpoint', 'clean_temporary_files',
+           'prune_checkpoints', 'rng_state', 'set_rng_state']
 
 # %% ../nbs/04_checkpoint.ipynb #ede08a96
 FORMAT_VERSION = 1
@@ -32,6 +35,15 @@ def unwrap_model(model:nn.Module) -> nn.Module:
         else: return model
 
 # %% ../nbs/04_checkpoint.ipynb #8d72b918
+def full_state_dicts(model:nn.Module, optimizer:torch.optim.Optimizer|None=None) -> tuple[dict, dict|None]:
+    "Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter name. Collective under FSDP."
+    m = unwrap_model(model)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(m, options=opts)
+    optim_sd = get_optimizer_state_dict(m, optimizer, options=opts) if optimizer is not None else None
+    return model_sd, optim_sd
+
+# %% ../nbs/04_checkpoint.ipynb #f509f063
 def _fsync_dir(d:Path):
     try:
         fd = os.open(d, os.O_RDONLY)
@@ -46,9 +58,10 @@ def save_checkpoint(out:str|Path|io.IOBase, # destination path or writable binar
                     config:dict|None=None, # the run's configuration, as plain types
                     train_state:dict|None=None, # RNG states and loop state for an exact resume
                    ):
-    "Save a checkpoint to `out`; a path is written atomically (temporary file, fsync, rename)."
-    ckpt = dict(model_state_dict=unwrap_model(model).state_dict(),
-                optimizer_state_dict=optimizer.state_dict() if optimizer is not None else None,
+    "Save a checkpoint to `out`; a path is written atomically (temporary file, fsync, rename). Under torch.distributed every rank calls it and rank 0 writes."
+    model_sd, optim_sd = full_state_dicts(model, optimizer)
+    if dist.is_initialized() and dist.get_rank() != 0: return out
+    ckpt = dict(model_state_dict=model_sd, optimizer_state_dict=optim_sd,
                 iteration=int(iteration), config=dict(config or {}), format_version=FORMAT_VERSION)
     if train_state is not None: ckpt['train_state'] = train_state
     if not isinstance(out, (str, Path)):
@@ -70,7 +83,7 @@ def save_checkpoint(out:str|Path|io.IOBase, # destination path or writable binar
                             f"(existing checkpoints are untouched)") from None
     return out
 
-# %% ../nbs/04_checkpoint.ipynb #f509f063
+# %% ../nbs/04_checkpoint.ipynb #e60dc8e2
 def _strip_prefixes(sd:dict) -> dict:
     out = {}
     for k, v in sd.items():
@@ -109,17 +122,18 @@ def load_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary
                    ) -> int:
     "Restore `model` (and `optimizer`) from a checkpoint and return its iteration."
     ckpt = src if isinstance(src, dict) else read_checkpoint(src)
-    try: unwrap_model(model).load_state_dict(_strip_prefixes(ckpt['model_state_dict']))
-    except RuntimeError as e:
+    m, opts = unwrap_model(model), StateDictOptions(full_state_dict=True)
+    try: set_model_state_dict(m, _strip_prefixes(ckpt['model_state_dict']), options=opts)
+    except (RuntimeError, KeyError, ValueError) as e:
         raise LMBasicsError(f"the checkpoint's weights do not fit this model ({str(e).splitlines()[0][:200]}...); "
                             f"use the architecture flags the checkpoint was trained with") from None
     if optimizer is not None and ckpt.get('optimizer_state_dict') is not None:
-        try: optimizer.load_state_dict(ckpt['optimizer_state_dict'])
-        except (ValueError, KeyError) as e:
-            raise LMBasicsError(f"the checkpoint's optimizer state does not fit this optimizer ({e})") from None
+        try: set_optimizer_state_dict(m, optimizer, ckpt['optimizer_state_dict'], options=opts)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise LMBasicsError(f"the checkpoint's optimizer state does not fit this optimizer ({str(e).splitlines()[0][:200]})") from None
     return int(ckpt['iteration'])
 
-# %% ../nbs/04_checkpoint.ipynb #6e58a2f2
+# %% ../nbs/04_checkpoint.ipynb #eb0e0f86
 def list_checkpoints(checkpoint_dir:str|Path) -> list[tuple[int, Path]]:
     "Complete checkpoints in `checkpoint_dir` as `(iteration, path)`, oldest first."
     d = Path(checkpoint_dir)
@@ -157,7 +171,7 @@ def prune_checkpoints(checkpoint_dir:str|Path, # directory to prune
             except OSError: pass
     return deleted
 
-# %% ../nbs/04_checkpoint.ipynb #9e9e7fb7
+# %% ../nbs/04_checkpoint.ipynb #be1082c0
 def rng_state(generator:torch.Generator|None=None, # the batch sampler's generator, if any
              ) -> dict:
     "The states of the global RNGs (torch CPU/CUDA, NumPy, Python) and of `generator`, as plain values and tensors."

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fastcore.docments import docments
 from .core import LMBasicsError, cli_errors, resolve_device
@@ -20,10 +21,10 @@ from .checkpoint import (save_checkpoint, read_checkpoint, load_checkpoint, chec
                                   list_checkpoints, prune_checkpoints, clean_temporary_files, rng_state, set_rng_state)
 
 # %% auto #0
-__all__ = ['ALIASES', 'FIELDS', 'HELP', 'TYPES', 'TRAINING_ONLY', 'TrainConfig', 'coerce', 'validate', 'canonical_name',
-           'load_config_file', 'build_parser', 'parse_config', 'merge_resumed_config', 'autocast_context',
-           'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config', 'StopSignal', 'threading_main', 'train',
-           'main']
+__all__ = ['ALIASES', 'FIELDS', 'HELP', 'TYPES', 'TRAINING_ONLY', 'GPU_PEAK_TFLOPS', 'TrainConfig', 'coerce', 'validate',
+           'canonical_name', 'load_config_file', 'build_parser', 'parse_config', 'merge_resumed_config',
+           'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config', 'StopSignal',
+           'threading_main', 'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #48597667
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
     dtype:str='float32' # compute dtype: float32, bfloat16 or float16 (autocast)
     compile:bool=False # compile the model with torch.compile
+    fsdp:bool=False # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
     # checkpointing and logging
     checkpoint_dir:str='checkpoints' # directory for checkpoints, metrics.jsonl and config.json
     checkpoint_interval:int=5000 # save a checkpoint every N iterations
@@ -92,7 +94,7 @@ HELP = _field_help()
 TYPES = typing.get_type_hints(TrainConfig)
 TRAINING_ONLY = ('max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip',
                  'batch_size', 'gradient_accumulation_steps', 'checkpoint_interval', 'eval_interval', 'log_interval',
-                 'eval_iters', 'keep_last', 'keep_every', 'skip_nonfinite', 'device', 'dtype', 'compile', 'use_wandb', 'wandb_project',
+                 'eval_iters', 'keep_last', 'keep_every', 'skip_nonfinite', 'device', 'dtype', 'compile', 'fsdp', 'use_wandb', 'wandb_project',
                  'wandb_run_name', 'wandb_tags', 'train_data_path', 'val_data_path', 'dataset', 'data_dtype',
                  'checkpoint_dir', 'resume_from', 'seed')
 
@@ -324,6 +326,52 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 # %% ../nbs/05_train.ipynb #38aae61c
+GPU_PEAK_TFLOPS = {  # dense tensor-core peak: (bfloat16/float16, float32 with TF32)
+    'H100': (989, 495), 'H200': (989, 495), 'A100': (312, 156), 'A10G': (125, 62.5), 'A10': (125, 62.5),
+    'L40S': (362, 183), 'L4': (121, 60), 'V100': (125, 15.7), 'T4': (65, 8.1), 'RTX 4090': (165, 82.6),
+    'RTX 3090': (71, 35.6), 'RTX A6000': (155, 77)}
+
+def matmul_probe(n:int=1024, reps:int=8, dtype=torch.float32) -> float:
+    "Measured FLOP/s of an `n`×`n` matmul on the CPU (best of three timings)."
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(2): a @ b
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps): a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+def peak_flops(device:torch.device, dtype:str='float32') -> tuple[float, str]:
+    "Peak FLOP/s of `device` for `dtype`, and where the figure comes from."
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for k, (half, f32) in GPU_PEAK_TFLOPS.items():
+            if k in name: return (half if dtype != 'float32' else f32) * 1e12, f"{name} datasheet"
+        return 0.0, f"{name}: unknown peak"
+    if device.type == 'cpu': return matmul_probe(), "float32 matmul probe"
+    return 0.0, f"{device.type}: unknown peak"
+
+# %% ../nbs/05_train.ipynb #3bfc3f57
+def setup_distributed(device:str='auto') -> tuple[int, int, torch.device|None]:
+    "Join the torchrun process group if there is one; return `(rank, world_size, device or None)`."
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ: return 0, 1, None
+    if not dist.is_initialized():
+        local = int(os.environ.get('LOCAL_RANK', 0))
+        cuda = torch.cuda.is_available() and (device == 'auto' or device.startswith('cuda'))
+        if cuda: torch.cuda.set_device(local)
+        dist.init_process_group(backend='nccl' if cuda else 'gloo')
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    dev = torch.device('cuda', local) if dist.get_backend() == 'nccl' else torch.device('cpu')
+    return dist.get_rank(), dist.get_world_size(), dev
+
+def _all_mean(x:float|torch.Tensor, device) -> float:
+    "Average a scalar over all ranks (a plain value when not distributed)."
+    if not dist.is_initialized(): return float(x)
+    t = torch.as_tensor(x, dtype=torch.float64 if device.type == 'cpu' else torch.float32, device=device).reshape(1)
+    dist.all_reduce(t); return t.item() / dist.get_world_size()
+
+# %% ../nbs/05_train.ipynb #83ea9d54
 def _resolve_data(cfg:TrainConfig) -> tuple[str, str]:
     if cfg.train_data_path or cfg.val_data_path:
         if not (cfg.train_data_path and cfg.val_data_path):
@@ -344,14 +392,23 @@ def _check_meta(path:str, vocab_size:int):
     if isinstance(v, int) and vocab_size < v:
         raise LMBasicsError(f"vocab_size {vocab_size} is smaller than the vocabulary of the data ({v}, from {meta}); pass --vocab_size {v}")
 
-# %% ../nbs/05_train.ipynb #fcacc630
+def _gather_generators(gen:torch.Generator) -> list:
+    "Every rank's batch-sampler state (rank order), for the checkpoint."
+    if not dist.is_initialized(): return [gen.get_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, gen.get_state())
+    return states
+
+# %% ../nbs/05_train.ipynb #f0271016
 def train(cfg:TrainConfig, # the settings of the run
           explicit:set[str]|None=None, # settings given explicitly (when resuming, the others come from the checkpoint)
           out=None, # where the log goes (default: stdout)
          ) -> dict:
     "Train a Transformer LM as `cfg` says; return the final metrics."
+    rank, world, dist_device = setup_distributed(cfg.device)
+    master = rank == 0
     out = out or sys.stdout
-    say = lambda *a: print(*a, file=out, flush=True)
+    say = (lambda *a: print(*a, file=out, flush=True)) if master else (lambda *a: None)
     explicit = set(FIELDS) if explicit is None else set(explicit)
     validate(cfg)
     ckpt_dir = Path(cfg.checkpoint_dir)
@@ -369,14 +426,16 @@ def train(cfg:TrainConfig, # the settings of the run
     elif (list_checkpoints(ckpt_dir) or (ckpt_dir/'metrics.jsonl').exists()) and cfg.resume_from != 'auto':
         raise LMBasicsError(f"{ckpt_dir} already holds a run (checkpoints or metrics.jsonl); continue it with --resume auto, "
                             f"or choose another --checkpoint_dir so nothing is overwritten")
-    device = resolve_device(cfg.device)
+    device = dist_device or resolve_device(cfg.device)
     if cfg.dtype == 'float16' and device.type != 'cuda':
         raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {device.type}); use --dtype bfloat16 or float32")
+    if cfg.fsdp and world == 1 and not dist.is_initialized():
+        raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m lm_basics.train ...")
 
-    # -- seeds
+    # -- seeds: the global generators, and the batch sampler's own (one stream per rank)
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)   # the batch sampler's own generator
-    print_config(cfg, file=out)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    if master: print_config(cfg, file=out)
 
     # -- data
     train_path, val_path = _resolve_data(cfg)
@@ -386,49 +445,61 @@ def train(cfg:TrainConfig, # the settings of the run
     val_data = load_tokens(val_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"val data {val_path}")
     say(f"Train data size: {len(train_data):,} tokens")
     say(f"Validation data size: {len(val_data):,} tokens")
+    if dist.is_initialized(): dist.barrier()   # every rank has checked everything before anything is written
 
     # -- model and optimizer
     say("\nInitializing model...")
     model = TransformerLM(**{k: getattr(cfg, k) for k in MODEL_ARGS}).to(device)
     n = count_parameters(model)
     say(f"Total parameters: {n['total']:,}\nTrainable parameters: {n['trainable']:,}\nNon-embedding parameters: {n['non_embedding']:,}")
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.layers: fully_shard(layer)
+        fully_shard(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, device.type)
     start_iter, best_val, metrics_pos, elapsed0, wandb_id = 0, float('inf'), None, 0.0, None
     if ckpt is not None:
         start_iter = load_checkpoint(ckpt, model, optimizer)
         ts = ckpt.get('train_state') or {}
-        if 'rng' in ts: set_rng_state(ts['rng'], gen)
+        if 'rng' in ts: set_rng_state(ts['rng'], gen if rank == 0 else None)
+        gens = ts.get('rank_generators') or []
+        if rank < len(gens): gen.set_state(gens[rank])
         best_val, metrics_pos = ts.get('best_val_loss', best_val), ts.get('metrics_bytes')
         elapsed0, wandb_id = ts.get('elapsed', 0.0), ts.get('wandb_id')
         say(f"Resumed from {resume_path} at iteration {start_iter}")
-    fwd = torch.compile(model) if cfg.compile else model
+    train_model = model
+    if dist.is_initialized() and not cfg.fsdp:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    fwd = torch.compile(train_model) if cfg.compile else train_model
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
+    if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # -- logs
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    clean_temporary_files(ckpt_dir)
-    (ckpt_dir/'config.json').write_text(json.dumps(asdict(cfg), indent=2) + '\n')
-    metrics = MetricsLog(ckpt_dir/'metrics.jsonl', truncate_to=metrics_pos if ckpt is not None else 0)
-    run = None
-    if cfg.use_wandb:
-        try: import wandb
-        except ImportError: raise LMBasicsError("--use_wandb needs the wandb package: pip install wandb") from None
-        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, tags=cfg.wandb_tags or None,
-                         config=asdict(cfg), dir=str(ckpt_dir), id=wandb_id, resume='allow' if wandb_id else None)
-        wandb_id = run.id
+    # -- logs (rank 0)
+    metrics, run = None, None
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        clean_temporary_files(ckpt_dir)
+        (ckpt_dir/'config.json').write_text(json.dumps(asdict(cfg), indent=2) + '\n')
+        metrics = MetricsLog(ckpt_dir/'metrics.jsonl', truncate_to=metrics_pos if ckpt is not None else 0)
+        if cfg.use_wandb:
+            try: import wandb
+            except ImportError: raise LMBasicsError("--use_wandb needs the wandb package: pip install wandb") from None
+            run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, tags=cfg.wandb_tags or None,
+                             config=asdict(cfg), dir=str(ckpt_dir), id=wandb_id, resume='allow' if wandb_id else None)
+            wandb_id = run.id
     t_start = time.time() - elapsed0
 
     def record(it, values, console=None):
-        rec = {'iter': it, 'time': round(time.time() - t_start, 3), **values}
-        metrics.log(rec)
+        if not master: return
+        metrics.log({'iter': it, 'time': round(time.time() - t_start, 3), **values})
         if run is not None: run.log(values, step=it)
         if console: say(console)
 
     def evaluate(it, prefix='eval'):
         nonlocal best_val
         kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=cfg.dtype)
-        tl = estimate_loss(fwd, train_data, seed=cfg.seed + 1, **kw)
-        vl = estimate_loss(fwd, val_data, seed=cfg.seed + 2, **kw)
+        tl = _all_mean(estimate_loss(fwd, train_data, seed=cfg.seed + 1 + 1000 * rank, **kw), device)
+        vl = _all_mean(estimate_loss(fwd, val_data, seed=cfg.seed + 2 + 1000 * rank, **kw), device)
         best_val = min(best_val, vl)
         ppl = math.exp(min(vl, 700))
         record(it, {f'{prefix}/train_loss': tl, f'{prefix}/val_loss': vl, f'{prefix}/val_perplexity': ppl},
@@ -437,17 +508,23 @@ def train(cfg:TrainConfig, # the settings of the run
 
     def save(it):
         path = checkpoint_path(ckpt_dir, it)
-        state = dict(rng=rng_state(gen), best_val_loss=best_val, metrics_bytes=metrics.tell(),
-                     elapsed=time.time() - t_start, wandb_id=wandb_id)
+        state = dict(rng=rng_state(gen), rank_generators=_gather_generators(gen), best_val_loss=best_val,
+                     metrics_bytes=metrics.tell() if master else None, elapsed=time.time() - t_start, wandb_id=wandb_id)
         save_checkpoint(path, model, optimizer, it, config=asdict(cfg), train_state=state)
-        prune_checkpoints(ckpt_dir, cfg.keep_last, cfg.keep_every)
-        say(f"[CHECKPOINT] Saved checkpoint to {path}")
+        if master:
+            prune_checkpoints(ckpt_dir, cfg.keep_last, cfg.keep_every)
+            say(f"[CHECKPOINT] Saved checkpoint to {path}")
         return path
 
     # -- the loop
-    tokens_per_iter = cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps
-    say(f"\nStarting training from iteration {start_iter}...\nDevice: {device}\nMax iterations: {cfg.max_iters}\n"
-        f"Tokens per iteration: {tokens_per_iter:,}\n" + '-' * 80)
+    accum = cfg.gradient_accumulation_steps
+    tokens_per_iter = cfg.batch_size * cfg.context_length * accum * world
+    flops_per_iter = flops_per_token(model.config, n['non_embedding']) * tokens_per_iter
+    peak, peak_src = peak_flops(device, cfg.dtype) if master else (0.0, '')
+    peak_total = peak * world
+    say(f"\nStarting training from iteration {start_iter}...\nDevice: {device}" + (f" x {world} processes" if world > 1 else "") +
+        f"\nMax iterations: {cfg.max_iters}\nTokens per iteration: {tokens_per_iter:,}"
+        f"\nPeak: {peak / 1e9:,.1f} GFLOP/s per process ({peak_src})\n" + '-' * 80)
     ctx = autocast_context(device, cfg.dtype)
     model.train()
     it, stopped, skipped = start_iter, None, 0
@@ -462,22 +539,27 @@ def train(cfg:TrainConfig, # the settings of the run
                 lr = cosine_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
                 for g in optimizer.param_groups: g['lr'] = lr
                 loss_sum = torch.zeros((), device=device)
-                for _ in range(cfg.gradient_accumulation_steps):
+                for micro in range(accum):
+                    last = micro == accum - 1   # gradients are synchronised across ranks on the last micro-step only
+                    if cfg.fsdp: model.set_requires_gradient_sync(last)
+                    sync = train_model.no_sync() if isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not last else nullcontext()
                     x, y = get_batch(train_data, cfg.batch_size, cfg.context_length, device, gen)
-                    with ctx: logits = fwd(x)
-                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / cfg.gradient_accumulation_steps
-                    scaler.scale(loss).backward()
+                    with sync:
+                        with ctx: logits = fwd(x)
+                        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / accum
+                        scaler.scale(loss).backward()
                     loss_sum += loss.detach()
                 scaler.unscale_(optimizer)
                 grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
-                if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm):  # before the step touches the weights
+                if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()
+                finite = torch.isfinite(grad_norm if dist.is_initialized() else loss_sum + grad_norm)
+                if not scaler.is_enabled() and not finite:  # before the step touches the weights
                     skipped += 1
-                    last = latest_checkpoint(ckpt_dir)
-                    msg = (f"non-finite loss {loss_sum.item()} / gradient norm {grad_norm.item()} at iteration {it}")
+                    msg = f"non-finite loss {loss_sum.item()} / gradient norm {grad_norm.item()} at iteration {it}"
                     if skipped > cfg.skip_nonfinite:
                         raise LMBasicsError(f"{msg}: stopped before the weights were updated; last good checkpoint: "
-                                            f"{last or 'none'}; lower --lr, raise --warmup_iters or check the data, then resume "
-                                            f"(--skip_nonfinite N tolerates N such steps)")
+                                            f"{latest_checkpoint(ckpt_dir) or 'none'}; lower --lr, raise --warmup_iters or check the data, "
+                                            f"then resume (--skip_nonfinite N tolerates N such steps)")
                     say(f"Warning: {msg}: step skipped ({skipped} of at most {cfg.skip_nonfinite})")
                     optimizer.zero_grad(set_to_none=True)
                     record(it, {'train/skipped_nonfinite': skipped})
@@ -487,16 +569,21 @@ def train(cfg:TrainConfig, # the settings of the run
                 optimizer.zero_grad(set_to_none=True)
                 iters_since_log += 1
                 if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
-                    loss_v, norm_v = loss_sum.item(), grad_norm.item()
+                    loss_v, norm_v = _all_mean(loss_sum, device), grad_norm.item()   # the one wait for the device per interval
                     dt = (time.perf_counter() - t_log) / iters_since_log
                     t_log, iters_since_log = time.perf_counter(), 0
-                    record(it, {'train/loss': loss_v, 'train/learning_rate': lr, 'train/tokens_per_sec': tokens_per_iter / dt,
-                                'train/iter_time_ms': dt * 1000, 'train/grad_norm': norm_v},
+                    tps = tokens_per_iter / dt
+                    mfu = flops_per_iter / dt / peak_total if peak_total else float('nan')
+                    record(it, {'train/loss': loss_v, 'train/learning_rate': lr, 'train/tokens_per_sec': tps,
+                                'train/iter_time_ms': dt * 1000, 'train/grad_norm': norm_v, 'train/mfu': mfu},
                            f"Iter {it:6d} | Loss: {loss_v:.4f} | LR: {lr:.2e} | Time: {dt * 1000:.1f}ms | "
-                           f"Tokens/sec: {tokens_per_iter / dt:.0f} | Grad norm: {norm_v:.3f}")
+                           f"Tokens/sec: {tps:.0f} | MFU: {mfu * 100:.1f}% | Grad norm: {norm_v:.3f}")
                 it += 1
-                if stop.requested is not None:
-                    stopped = stop.requested
+                requested = stop.requested or 0
+                if dist.is_initialized():   # all ranks stop at the same step
+                    flag = torch.tensor([requested], device=device); dist.all_reduce(flag, op=dist.ReduceOp.MAX); requested = int(flag.item())
+                if requested:
+                    stopped = requested
                     break
         if stopped is not None:
             path = save(it)
@@ -504,14 +591,15 @@ def train(cfg:TrainConfig, # the settings of the run
             return {'stopped_at': it, 'signal': int(stopped), 'checkpoint': str(path)}
         say('-' * 80 + "\nFinal evaluation...")
         tl, vl, ppl = evaluate(it, prefix='final')
-        path = save(it) if not (ckpt is not None and it == start_iter and Path(checkpoint_path(ckpt_dir, it)).exists()) else checkpoint_path(ckpt_dir, it)
+        path = checkpoint_path(ckpt_dir, it)
+        if not (ckpt is not None and it == start_iter and path.exists()): save(it)
         say(f"Training complete: {it} iterations | final train loss {tl:.4f} | final val loss {vl:.4f} | best val loss {best_val:.4f}")
         return {'final/train_loss': tl, 'final/val_loss': vl, 'final/val_perplexity': ppl, 'iterations': it, 'checkpoint': str(path)}
     finally:
-        metrics.close()
+        if metrics is not None: metrics.close()
         if run is not None: run.finish()
 
-# %% ../nbs/05_train.ipynb #3bfc3f57
+# %% ../nbs/05_train.ipynb #c6df0463
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_train`."
@@ -519,8 +607,10 @@ def main(argv:list[str]|None=None):
     try: result = train(cfg, explicit)
     except KeyboardInterrupt:
         print("\nInterrupted twice: stopped without saving", file=sys.stderr); sys.exit(130)
+    finally:
+        if dist.is_initialized(): dist.destroy_process_group()
     if 'signal' in result: sys.exit(128 + result['signal'])
 
-# %% ../nbs/05_train.ipynb #83ea9d54
+# %% ../nbs/05_train.ipynb #d16f8e39
 #| eval: false
 if __name__ == '__main__': main()

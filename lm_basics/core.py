@@ -22,7 +22,8 @@ def cli_errors(main):
     def _inner(*args, **kwargs):
         try: return main(*args, **kwargs)
         except LMBasicsError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            rank = os.environ.get('RANK', '0') if 'WORLD_SIZE' in os.environ else '0'
+            print(f"error: {e}" if rank == '0' else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
             sys.exit(2)
     return _inner
 

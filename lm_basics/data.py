@@ -124,12 +124,14 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
               context_length:int, # T, tokens per row
               device:str|torch.device='cpu', # where the batch goes
               generator:torch.Generator|None=None, # CPU generator the start positions are drawn from
+              rank:int=0, # this process's rank: it takes rows `rank*B .. (rank+1)*B` of the global batch
+              world_size:int=1, # number of processes sharing the global batch of `world_size*B` rows
              ) -> tuple[torch.Tensor, torch.Tensor]:
     "Sample `(x, y)`, each `(B, T)` int64, with `y` the next token after each position of `x`."
     n = len(data) - context_length
     if n < 1: raise LMBasicsError(f"data holds {len(data)} tokens, too few for context_length {context_length}")
     if not isinstance(device, torch.device): device = resolve_device(device)
-    starts = torch.randint(n, (batch_size,), generator=generator).numpy()
+    starts = torch.randint(n, (batch_size * world_size,), generator=generator)[rank * batch_size:(rank + 1) * batch_size].numpy()
     idx = starts[:, None] + np.arange(context_length + 1)    # (B, T+1)
     buf = torch.from_numpy(np.asarray(data[idx]).astype(np.int64))  # (B, T+1)
     release_pages(data)

@@ -267,13 +267,13 @@ def autocast_context(device:torch.device, dtype:str):
 @torch.no_grad()
 def estimate_loss(model, data, batch_size:int, context_length:int, eval_iters:int, device:torch.device,
                   seed:int=0, # seeds the evaluation batches (the same every call)
-                  dtype:str='float32'):
+                  dtype:str='float32', rank:int=0, world_size:int=1):
     "Mean cross-entropy of `model` over `eval_iters` random batches of `data`."
     was_training = model.training; model.eval()
     g = torch.Generator().manual_seed(seed)
     total = torch.zeros((), device=device)
     for _ in range(eval_iters):
-        x, y = get_batch(data, batch_size, context_length, device, g)
+        x, y = get_batch(data, batch_size, context_length, device, g, rank, world_size)
         with autocast_context(device, dtype): logits = model(x)
         total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
     model.train(was_training)
@@ -392,13 +392,6 @@ def _check_meta(path:str, vocab_size:int):
     if isinstance(v, int) and vocab_size < v:
         raise LMBasicsError(f"vocab_size {vocab_size} is smaller than the vocabulary of the data ({v}, from {meta}); pass --vocab_size {v}")
 
-def _gather_generators(gen:torch.Generator) -> list:
-    "Every rank's batch-sampler state (rank order), for the checkpoint."
-    if not dist.is_initialized(): return [gen.get_state()]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, gen.get_state())
-    return states
-
 # %% ../nbs/05_train.ipynb #f0271016
 def train(cfg:TrainConfig, # the settings of the run
           explicit:set[str]|None=None, # settings given explicitly (when resuming, the others come from the checkpoint)
@@ -410,7 +403,6 @@ def train(cfg:TrainConfig, # the settings of the run
     out = out or sys.stdout
     say = (lambda *a: print(*a, file=out, flush=True)) if master else (lambda *a: None)
     explicit = set(FIELDS) if explicit is None else set(explicit)
-    validate(cfg)
     ckpt_dir = Path(cfg.checkpoint_dir)
 
     # -- resume: find the checkpoint, merge its config
@@ -421,9 +413,10 @@ def train(cfg:TrainConfig, # the settings of the run
     if resume_path:
         ckpt = read_checkpoint(resume_path)
         cfg, changes = merge_resumed_config(cfg, explicit, ckpt.get('config', {}), source=str(resume_path))
-        validate(cfg); ckpt_dir = Path(cfg.checkpoint_dir)
+        ckpt_dir = Path(cfg.checkpoint_dir)
         for c in changes: say(f"Resume: {c}")
-    elif (list_checkpoints(ckpt_dir) or (ckpt_dir/'metrics.jsonl').exists()) and cfg.resume_from != 'auto':
+    validate(cfg)
+    if ckpt is None and cfg.resume_from != 'auto' and (list_checkpoints(ckpt_dir) or (ckpt_dir/'metrics.jsonl').exists()):
         raise LMBasicsError(f"{ckpt_dir} already holds a run (checkpoints or metrics.jsonl); continue it with --resume auto, "
                             f"or choose another --checkpoint_dir so nothing is overwritten")
     device = dist_device or resolve_device(cfg.device)
@@ -434,7 +427,7 @@ def train(cfg:TrainConfig, # the settings of the run
 
     # -- seeds: the global generators, and the batch sampler's own (one stream per rank)
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    gen = torch.Generator().manual_seed(cfg.seed)   # the same on every rank: each takes its slice of the global batch
     if master: print_config(cfg, file=out)
 
     # -- data
@@ -461,9 +454,7 @@ def train(cfg:TrainConfig, # the settings of the run
     if ckpt is not None:
         start_iter = load_checkpoint(ckpt, model, optimizer)
         ts = ckpt.get('train_state') or {}
-        if 'rng' in ts: set_rng_state(ts['rng'], gen if rank == 0 else None)
-        gens = ts.get('rank_generators') or []
-        if rank < len(gens): gen.set_state(gens[rank])
+        if 'rng' in ts: set_rng_state(ts['rng'], gen)
         best_val, metrics_pos = ts.get('best_val_loss', best_val), ts.get('metrics_bytes')
         elapsed0, wandb_id = ts.get('elapsed', 0.0), ts.get('wandb_id')
         say(f"Resumed from {resume_path} at iteration {start_iter}")
@@ -497,9 +488,10 @@ def train(cfg:TrainConfig, # the settings of the run
 
     def evaluate(it, prefix='eval'):
         nonlocal best_val
-        kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=cfg.dtype)
-        tl = _all_mean(estimate_loss(fwd, train_data, seed=cfg.seed + 1 + 1000 * rank, **kw), device)
-        vl = _all_mean(estimate_loss(fwd, val_data, seed=cfg.seed + 2 + 1000 * rank, **kw), device)
+        kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=cfg.dtype,
+                  rank=rank, world_size=world)
+        tl = _all_mean(estimate_loss(fwd, train_data, seed=cfg.seed + 1, **kw), device)
+        vl = _all_mean(estimate_loss(fwd, val_data, seed=cfg.seed + 2, **kw), device)
         best_val = min(best_val, vl)
         ppl = math.exp(min(vl, 700))
         record(it, {f'{prefix}/train_loss': tl, f'{prefix}/val_loss': vl, f'{prefix}/val_perplexity': ppl},
@@ -508,7 +500,7 @@ def train(cfg:TrainConfig, # the settings of the run
 
     def save(it):
         path = checkpoint_path(ckpt_dir, it)
-        state = dict(rng=rng_state(gen), rank_generators=_gather_generators(gen), best_val_loss=best_val,
+        state = dict(rng=rng_state(gen), best_val_loss=best_val,
                      metrics_bytes=metrics.tell() if master else None, elapsed=time.time() - t_start, wandb_id=wandb_id)
         save_checkpoint(path, model, optimizer, it, config=asdict(cfg), train_state=state)
         if master:
@@ -543,7 +535,7 @@ def train(cfg:TrainConfig, # the settings of the run
                     last = micro == accum - 1   # gradients are synchronised across ranks on the last micro-step only
                     if cfg.fsdp: model.set_requires_gradient_sync(last)
                     sync = train_model.no_sync() if isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not last else nullcontext()
-                    x, y = get_batch(train_data, cfg.batch_size, cfg.context_length, device, gen)
+                    x, y = get_batch(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world)
                     with sync:
                         with ctx: logits = fwd(x)
                         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / accum

@@ -30,6 +30,7 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
                      d_ff:int|None=None, # feed-forward width (default: 8/3 d_model rounded to 8)
                      batch_size:int=16, # B
                      compile:bool=False, # torch.compile the model
+                     loss_chunk:int=1024, # rows of logits at a time in the fused loss (0: all at once)
                      dtype:str='float32', # float32 or bfloat16 (autocast)
                      steps:int=5, # timed steps
                      warmup:int=2, # untimed steps first (compilation happens here)
@@ -49,8 +50,7 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     x = torch.randint(vocab_size, (batch_size, context_length), device=dev)
     y = torch.randint(vocab_size, (batch_size, context_length), device=dev)
     def step():
-        with ctx: logits = fwd(x)
-        loss = F.cross_entropy(logits.float().view(-1, vocab_size), y.view(-1))
+        with ctx: loss = fwd(x, targets=y, loss_chunk=loss_chunk)
         loss.backward(); clip_grad_norm(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
         return loss
     t = time.perf_counter()
@@ -66,7 +66,7 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     peak = peak if peak is not None else peak_flops(dev, dtype)[0]
     tps = batch_size * context_length / dt
     mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else _peak_rss_mb() - rss0
-    return dict(compile=compile, dtype=dtype, tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
+    return dict(compile=compile, dtype=dtype, loss_chunk=loss_chunk, tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
                 mfu=tps * flops_per_token(model.config, n['non_embedding']) / peak if peak else float('nan'),
                 peak_mem_mb=mem, params=n['total'])
 

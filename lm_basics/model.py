@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['MODEL_ARGS', 'RMSNorm', 'RotaryEmbedding', 'CausalSelfAttention', 'SwiGLU', 'TransformerBlock', 'TransformerLM',
-           'count_parameters', 'flops_per_token']
+           'chunked_cross_entropy', 'count_parameters', 'flops_per_token']
 
 # %% ../nbs/02_model.ipynb #fb64eb10
 class RMSNorm(nn.Module):
@@ -137,6 +137,8 @@ class TransformerLM(nn.Module):
     def forward(self, idx, # (B, T) int64 token ids, T <= context_length
                 positions=None, # (T,) absolute positions (generation with a cache)
                 kv_caches:list|None=None, # one dict per layer (generation)
+                targets=None, # (B, T) next-token ids: return the mean cross-entropy instead of logits
+                loss_chunk:int=0, # with targets: rows of logits computed at a time (0: all at once)
                ):
         T = idx.shape[1]
         if T > self.config['context_length'] and positions is None:
@@ -144,9 +146,53 @@ class TransformerLM(nn.Module):
         x = self.token_embeddings(idx)                      # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, None if kv_caches is None else kv_caches[i])
-        return self.lm_head(self.ln_final(x))               # (B, T, V)
+        h = self.ln_final(x)                                # (B, T, d)
+        if targets is None: return self.lm_head(h)          # (B, T, V)
+        if loss_chunk and loss_chunk < h.shape[0] * h.shape[1]:
+            return chunked_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk)
+        logits = self.lm_head(h)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 # %% ../nbs/02_model.ipynb #92f828a8
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    "Mean cross-entropy of `h @ weight.T` against `targets`, computed (with its gradients) a chunk of rows at a time."
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):  # h (N, d), weight (V, d), targets (N,)
+        N = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, N, chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            z = (hc @ weight.t()).float()                              # (n, V)
+            lse = torch.logsumexp(z, dim=-1)                           # (n,)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                g = z.sub_(lse[:, None]).exp_()                        # softmax, in place of the logits
+                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+                g = g.div_(N).to(h.dtype)                              # dL/dz for these rows
+                if need_h: grad_h[s:s + chunk] = g @ weight.to(h.dtype)   # (n, d)
+                if need_w: grad_w += (g.t() @ hc).float()              # (V, d)
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        ctx.w_dtype = weight.dtype
+        return total / N
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out if grad_h is not None else None,
+                (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None, None, None)
+
+def chunked_cross_entropy(h, # (N, d) final hidden states
+                          weight, # (V, d) LM-head matrix
+                          targets, # (N,) target ids
+                          chunk:int=4096, # rows of logits alive at once
+                         ):
+    "Mean cross-entropy of the logits `h @ weight.T`, never holding more than `chunk` rows of them."
+    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk)
+
+# %% ../nbs/02_model.ipynb #c729b8d1
 def count_parameters(model:nn.Module) -> dict:
     "Total, trainable and non-embedding parameter counts (shared tensors counted once)."
     seen, total, trainable = set(), 0, 0

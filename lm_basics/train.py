@@ -57,6 +57,7 @@ class TrainConfig:
     max_iters:int=100000 # maximum number of training iterations
     warmup_iters:int=2000 # number of warmup iterations
     grad_clip:float=1.0 # gradient clipping max norm (0 disables)
+    loss_chunk:int=1024 # rows of logits the fused LM head + cross-entropy computes at a time (0: all at once)
     skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
     dtype:str='float32' # compute dtype: float32, bfloat16 or float16 (autocast)
     compile:bool=False # compile the model with torch.compile
@@ -93,7 +94,7 @@ def _field_help() -> dict:
 HELP = _field_help()
 TYPES = typing.get_type_hints(TrainConfig)
 TRAINING_ONLY = ('max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip',
-                 'batch_size', 'gradient_accumulation_steps', 'checkpoint_interval', 'eval_interval', 'log_interval',
+                 'batch_size', 'gradient_accumulation_steps', 'loss_chunk', 'checkpoint_interval', 'eval_interval', 'log_interval',
                  'eval_iters', 'keep_last', 'keep_every', 'skip_nonfinite', 'device', 'dtype', 'compile', 'fsdp', 'use_wandb', 'wandb_project',
                  'wandb_run_name', 'wandb_tags', 'train_data_path', 'val_data_path', 'dataset', 'data_dtype',
                  'checkpoint_dir', 'resume_from', 'seed')
@@ -154,6 +155,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
         need(getattr(cfg, k) >= 1, f"{k} must be a positive integer, got {getattr(cfg, k)}")
     need(cfg.max_iters >= 0, f"max_iters must be >= 0, got {cfg.max_iters}")
     need(cfg.keep_every >= 0, f"keep_every must be >= 0, got {cfg.keep_every}")
+    need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     need(cfg.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {cfg.skip_nonfinite}")
     need(cfg.d_model % cfg.num_heads == 0,
          f"num_heads ({cfg.num_heads}) must divide d_model ({cfg.d_model}); try --num_heads "
@@ -267,15 +269,14 @@ def autocast_context(device:torch.device, dtype:str):
 @torch.no_grad()
 def estimate_loss(model, data, batch_size:int, context_length:int, eval_iters:int, device:torch.device,
                   seed:int=0, # seeds the evaluation batches (the same every call)
-                  dtype:str='float32', rank:int=0, world_size:int=1):
+                  dtype:str='float32', rank:int=0, world_size:int=1, loss_chunk:int=0):
     "Mean cross-entropy of `model` over `eval_iters` random batches of `data`."
     was_training = model.training; model.eval()
     g = torch.Generator().manual_seed(seed)
     total = torch.zeros((), device=device)
     for _ in range(eval_iters):
         x, y = get_batch(data, batch_size, context_length, device, g, rank, world_size)
-        with autocast_context(device, dtype): logits = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        with autocast_context(device, dtype): total += model(x, targets=y, loss_chunk=loss_chunk)
     model.train(was_training)
     return (total / eval_iters).item()
 
@@ -489,7 +490,7 @@ def train(cfg:TrainConfig, # the settings of the run
     def evaluate(it, prefix='eval'):
         nonlocal best_val
         kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=cfg.dtype,
-                  rank=rank, world_size=world)
+                  rank=rank, world_size=world, loss_chunk=cfg.loss_chunk)
         tl = _all_mean(estimate_loss(fwd, train_data, seed=cfg.seed + 1, **kw), device)
         vl = _all_mean(estimate_loss(fwd, val_data, seed=cfg.seed + 2, **kw), device)
         best_val = min(best_val, vl)
@@ -537,8 +538,7 @@ def train(cfg:TrainConfig, # the settings of the run
                     sync = train_model.no_sync() if isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not last else nullcontext()
                     x, y = get_batch(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world)
                     with sync:
-                        with ctx: logits = fwd(x)
-                        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / accum
+                        with ctx: loss = fwd(x, targets=y, loss_chunk=cfg.loss_chunk) / accum
                         scaler.scale(loss).backward()
                     loss_sum += loss.detach()
                 scaler.unscale_(optimizer)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_checkpoint.ipynb #e7965500
 from __future__ import annotations
-import io, os, re, pickle, random
+import io, os, re, pickle, random, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -95,19 +95,28 @@ def read_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary
                    ) -> dict:
     "Load a checkpoint dictionary with `weights_only=True` and check that it is one of ours."
     name = str(src) if isinstance(src, (str, Path)) else 'the checkpoint stream'
+    head = b''
     if isinstance(src, (str, Path)):
         p = Path(src)
         if not p.exists(): raise LMBasicsError(f"checkpoint not found: {p}; check the path (saved checkpoints are named checkpoint_iter_N.pt)")
         if p.is_dir(): raise LMBasicsError(f"checkpoint {p} is a directory; pass a checkpoint_iter_N.pt file (or --resume auto)")
-    try: ckpt = torch.load(src, map_location='cpu', weights_only=True)
+        if p.stat().st_size == 0: raise LMBasicsError(f"checkpoint {p} is empty (an interrupted copy?); use another checkpoint")
+        try:
+            with open(p, 'rb') as f: head = f.read(2)
+        except OSError as e: raise LMBasicsError(f"cannot read checkpoint {p} ({e.strerror}); fix its permissions") from None
+    try:
+        with warnings.catch_warnings():   # torch warns about some pickle protocols before refusing them
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(src, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'Unsupported global' in str(e) or 'GLOBAL' in str(e):
+        # a GLOBAL opcode names a Python object to construct; a bare pickle (not a zip archive) is not a torch checkpoint
+        if 'Unsupported global' in str(e) or 'GLOBAL' in str(e) or head.startswith(b'\x80'):
             raise LMBasicsError(f"refusing to load {name}: it contains Python objects other than tensors and plain values, "
                                 f"and unpickling them could run code; use a checkpoint saved by lm_basics") from None
         raise LMBasicsError(f"{name} is not a readable checkpoint (corrupt or not a PyTorch file); use another checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise LMBasicsError(f"{name} is not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0][:80]}); "
-                            f"use another checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise LMBasicsError(f"{name} is not a readable checkpoint (truncated or corrupt: {why}); use another checkpoint") from None
     if not isinstance(ckpt, dict) or 'model_state_dict' not in ckpt or 'iteration' not in ckpt:
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise LMBasicsError(f"{name} is not an lm_basics checkpoint (it has {keys}, not model_state_dict/iteration); "

@@ -284,14 +284,43 @@ def estimate_loss(model, data, batch_size:int, context_length:int, eval_iters:in
 class MetricsLog:
     "Append-only JSON-lines metrics file that a resumed run can cut back to a checkpoint's position."
     def __init__(self, path:str|Path, truncate_to:int|None=None):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_to is not None and self.path.exists() and self.path.stat().st_size > truncate_to:
-            with open(self.path, 'r+b') as f: f.truncate(truncate_to)
-        self.f = open(self.path, 'a', encoding='utf-8')
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if truncate_to is not None and self.path.exists() and self.path.stat().st_size > truncate_to:
+                with open(self.path, 'r+b') as f: f.truncate(truncate_to)
+            self.f = open(self.path, 'a', encoding='utf-8')
+        except OSError as e: self._fail(e)
+    def _fail(self, e):
+        raise LMBasicsError(f"cannot write metrics to {self.path} ({e.strerror}); free disk space or choose a writable "
+                            f"--checkpoint_dir, then resume with --resume auto") from None
     def log(self, record:dict):
-        self.f.write(json.dumps(record) + '\n'); self.f.flush()
-    def tell(self) -> int: self.f.flush(); return self.f.tell()
-    def close(self): self.f.close()
+        try: self.f.write(json.dumps(record) + '\n'); self.f.flush()
+        except OSError as e: self._fail(e)
+    def tell(self) -> int:
+        try: self.f.flush()
+        except OSError as e: self._fail(e)
+        return self.f.tell()
+    def close(self):
+        try: self.f.close()
+        except OSError: pass
+
+class _Console:
+    "Console output that survives its reader going away (`| head`, a closed terminal): training goes on without it."
+    def __init__(self, f): self.f, self.lost = f, False
+    def write(self, s):
+        if self.lost: return
+        try: self.f.write(s)
+        except (BrokenPipeError, ValueError): self._lose()
+    def flush(self):
+        if self.lost: return
+        try: self.f.flush()
+        except (BrokenPipeError, ValueError): self._lose()
+    def _lose(self):
+        self.lost = True
+        try:   # point the descriptor at /dev/null so that Python's own flush at exit stays quiet too
+            fd = self.f.fileno(); os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        except (OSError, ValueError, AttributeError): pass
 
 def read_metrics(path:str|Path) -> list[dict]:
     "The records of a `metrics.jsonl` file."
@@ -401,7 +430,7 @@ def train(cfg:TrainConfig, # the settings of the run
     "Train a Transformer LM as `cfg` says; return the final metrics."
     rank, world, dist_device = setup_distributed(cfg.device)
     master = rank == 0
-    out = out or sys.stdout
+    out = _Console(out or sys.stdout)
     say = (lambda *a: print(*a, file=out, flush=True)) if master else (lambda *a: None)
     explicit = set(FIELDS) if explicit is None else set(explicit)
     ckpt_dir = Path(cfg.checkpoint_dir)
@@ -409,10 +438,13 @@ def train(cfg:TrainConfig, # the settings of the run
     # -- resume: find the checkpoint, merge its config
     ckpt, resume_path = None, cfg.resume_from
     if resume_path == 'auto':
-        resume_path = latest_checkpoint(ckpt_dir)
-        if resume_path is None: say(f"No checkpoint in {ckpt_dir}: starting a new run")
+        resume_path = None
+        for _, p in reversed(list_checkpoints(ckpt_dir)):   # the newest checkpoint that loads
+            try: ckpt, resume_path = read_checkpoint(p), p; break
+            except LMBasicsError as e: say(f"Warning: skipping {p}: {e}")
+        if resume_path is None: say(f"No usable checkpoint in {ckpt_dir}: starting a new run")
     if resume_path:
-        ckpt = read_checkpoint(resume_path)
+        ckpt = ckpt or read_checkpoint(resume_path)
         cfg, changes = merge_resumed_config(cfg, explicit, ckpt.get('config', {}), source=str(resume_path))
         ckpt_dir = Path(cfg.checkpoint_dir)
         for c in changes: say(f"Resume: {c}")
@@ -451,13 +483,14 @@ def train(cfg:TrainConfig, # the settings of the run
         for layer in model.layers: fully_shard(layer)
         fully_shard(model)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, device.type)
-    start_iter, best_val, metrics_pos, elapsed0, wandb_id = 0, float('inf'), None, 0.0, None
+    start_iter, best_val, metrics_pos, elapsed0, wandb_id, last_eval, final = 0, float('inf'), None, 0.0, None, None, None
     if ckpt is not None:
         start_iter = load_checkpoint(ckpt, model, optimizer)
         ts = ckpt.get('train_state') or {}
         if 'rng' in ts: set_rng_state(ts['rng'], gen)
         best_val, metrics_pos = ts.get('best_val_loss', best_val), ts.get('metrics_bytes')
         elapsed0, wandb_id = ts.get('elapsed', 0.0), ts.get('wandb_id')
+        last_eval, final = ts.get('last_eval_iter'), ts.get('final')
         say(f"Resumed from {resume_path} at iteration {start_iter}")
     train_model = model
     if dist.is_initialized() and not cfg.fsdp:
@@ -469,10 +502,14 @@ def train(cfg:TrainConfig, # the settings of the run
     # -- logs (rank 0)
     metrics, run = None, None
     if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        clean_temporary_files(ckpt_dir)
-        (ckpt_dir/'config.json').write_text(json.dumps(asdict(cfg), indent=2) + '\n')
-        metrics = MetricsLog(ckpt_dir/'metrics.jsonl', truncate_to=metrics_pos if ckpt is not None else 0)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            clean_temporary_files(ckpt_dir)
+            (ckpt_dir/'config.json').write_text(json.dumps(asdict(cfg), indent=2) + '\n')
+        except OSError as e:
+            raise LMBasicsError(f"cannot write to checkpoint_dir {ckpt_dir} ({e.strerror}); choose a writable --checkpoint_dir") from None
+        complete = final is not None and start_iter >= cfg.max_iters   # a finished run, rerun: its metrics stay as they are
+        metrics = MetricsLog(ckpt_dir/'metrics.jsonl', truncate_to=None if complete else (metrics_pos if ckpt is not None else 0))
         if cfg.use_wandb:
             try: import wandb
             except ImportError: raise LMBasicsError("--use_wandb needs the wandb package: pip install wandb") from None
@@ -488,7 +525,7 @@ def train(cfg:TrainConfig, # the settings of the run
         if console: say(console)
 
     def evaluate(it, prefix='eval'):
-        nonlocal best_val
+        nonlocal best_val, last_eval
         kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=cfg.dtype,
                   rank=rank, world_size=world, loss_chunk=cfg.loss_chunk)
         tl = _all_mean(estimate_loss(fwd, train_data, seed=cfg.seed + 1, **kw), device)
@@ -497,12 +534,14 @@ def train(cfg:TrainConfig, # the settings of the run
         ppl = math.exp(min(vl, 700))
         record(it, {f'{prefix}/train_loss': tl, f'{prefix}/val_loss': vl, f'{prefix}/val_perplexity': ppl},
                f"[EVAL] iter {it:6d} | Train loss: {tl:.4f} | Val loss: {vl:.4f} | Val ppl: {ppl:.2f}")
+        if prefix == 'eval': last_eval = it
         return tl, vl, ppl
 
-    def save(it):
+    def save(it, metrics_bytes=None, final=None):
         path = checkpoint_path(ckpt_dir, it)
-        state = dict(rng=rng_state(gen), best_val_loss=best_val,
-                     metrics_bytes=metrics.tell() if master else None, elapsed=time.time() - t_start, wandb_id=wandb_id)
+        state = dict(rng=rng_state(gen), best_val_loss=best_val, last_eval_iter=last_eval, final=final,
+                     metrics_bytes=metrics_bytes if metrics_bytes is not None else (metrics.tell() if master else None),
+                     elapsed=time.time() - t_start, wandb_id=wandb_id)
         save_checkpoint(path, model, optimizer, it, config=asdict(cfg), train_state=state)
         if master:
             prune_checkpoints(ckpt_dir, cfg.keep_last, cfg.keep_every)
@@ -526,7 +565,7 @@ def train(cfg:TrainConfig, # the settings of the run
         with StopSignal() as stop:
             while it < cfg.max_iters:
                 t0 = time.perf_counter()
-                if it % cfg.eval_interval == 0 and not (ckpt is not None and it == start_iter): evaluate(it)
+                if it % cfg.eval_interval == 0 and last_eval != it: evaluate(it)
                 if it % cfg.checkpoint_interval == 0 and it != start_iter: save(it)
                 t_log += time.perf_counter() - t0   # evaluation and saving do not count as step time
                 lr = cosine_lr(it, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
@@ -581,10 +620,18 @@ def train(cfg:TrainConfig, # the settings of the run
             path = save(it)
             say(f"Stopped by {signal.Signals(stopped).name} after iteration {it}; continue with --resume auto (or --resume_from {path})")
             return {'stopped_at': it, 'signal': int(stopped), 'checkpoint': str(path)}
-        say('-' * 80 + "\nFinal evaluation...")
-        tl, vl, ppl = evaluate(it, prefix='final')
         path = checkpoint_path(ckpt_dir, it)
-        if not (ckpt is not None and it == start_iter and path.exists()): save(it)
+        if complete:   # nothing to do: report what the run ended with
+            tl, vl, ppl = final['final/train_loss'], final['final/val_loss'], final['final/val_perplexity']
+            say(f"Run already complete at iteration {it} (raise --max_iters to continue it)")
+        else:
+            # the iteration's regular evaluation first, so a run extended later has the same records as one run
+            if it % cfg.eval_interval == 0 and last_eval != it: evaluate(it)
+            before_final = metrics.tell() if master else None
+            say('-' * 80 + "\nFinal evaluation...")
+            tl, vl, ppl = evaluate(it, prefix='final')
+            final = {'final/train_loss': tl, 'final/val_loss': vl, 'final/val_perplexity': ppl}
+            save(it, metrics_bytes=before_final, final=final)
         say(f"Training complete: {it} iterations | final train loss {tl:.4f} | final val loss {vl:.4f} | best val loss {best_val:.4f}")
         return {'final/train_loss': tl, 'final/val_loss': vl, 'final/val_perplexity': ppl, 'iterations': it, 'checkpoint': str(path)}
     finally:

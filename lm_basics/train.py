@@ -505,6 +505,7 @@ def train(cfg:TrainConfig, # the settings of the run
 
     # -- logs (rank 0)
     metrics, run = None, None
+    complete = final is not None and start_iter >= cfg.max_iters   # a finished run, rerun: its metrics stay as they are
     if master:
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -512,7 +513,6 @@ def train(cfg:TrainConfig, # the settings of the run
             (ckpt_dir/'config.json').write_text(json.dumps(asdict(cfg), indent=2) + '\n')
         except OSError as e:
             raise LMBasicsError(f"cannot write to checkpoint_dir {ckpt_dir} ({e.strerror}); choose a writable --checkpoint_dir") from None
-        complete = final is not None and start_iter >= cfg.max_iters   # a finished run, rerun: its metrics stay as they are
         metrics = MetricsLog(ckpt_dir/'metrics.jsonl', truncate_to=None if complete else (metrics_pos if ckpt is not None else 0))
         if cfg.use_wandb:
             try: import wandb

@@ -498,19 +498,25 @@ def test_preempted_run_resumes_with_identical_metrics(preempted, reference, name
     assert got == want
 
 def test_second_sigint_exits_at_once(tmp_path, data, env):
-    "A second Ctrl-C during the step after the first: exit 130 at once, without saving, no traceback."
-    d = tmp_path/'run'
-    p = Proc([*data['args'], *MODEL, *SETTINGS, '--gradient_accumulation_steps', '100', '--eval_interval', '1000',
-              '--checkpoint_interval', '1000', '--max_iters', '1000', '--checkpoint_dir', d], env)
-    p.wait_for(r'^Iter +1 ')
-    p.signal(signal.SIGINT); time.sleep(0.05); p.signal(signal.SIGINT)
-    t0 = time.monotonic(); p.finish()
-    assert p.rc == 130, p.text()
-    assert time.monotonic() - t0 < 10
-    assert 'Traceback' not in p.stdout + p.stderr, p.text()
-    assert 'Interrupted twice' in p.stderr and 'Stopped by' not in p.stdout and '[CHECKPOINT]' not in p.stdout, p.text()
-    assert not checkpoints(d)
-    for line in (d/'metrics.jsonl').read_text().splitlines(): json.loads(line)  # complete lines only
+    """A second Ctrl-C during the step after the first: exit 130 at once, without saving, no traceback.
+    Two signals can coalesce into one at the OS level when the process is not scheduled between them (a loaded CI
+    machine), and then the run rightly stops cleanly instead; so up to three attempts, each checked in full."""
+    for attempt in range(3):
+        d = tmp_path/f'run{attempt}'
+        p = Proc([*data['args'], *MODEL, *SETTINGS, '--gradient_accumulation_steps', '3000', '--eval_interval', '1000',
+                  '--checkpoint_interval', '1000', '--max_iters', '1000', '--checkpoint_dir', d], env)
+        p.wait_for(r'^Iter +1 ')
+        p.signal(signal.SIGINT); p.wait_for(r'^Received SIGINT'); time.sleep(0.5); p.signal(signal.SIGINT)
+        t0 = time.monotonic(); p.finish()
+        assert 'Traceback' not in p.stdout + p.stderr, p.text()
+        if 'Stopped by SIGINT' in p.stdout and p.rc == 130: continue   # the two signals arrived as one: try again
+        assert p.rc == 130, p.text()
+        assert time.monotonic() - t0 < 10
+        assert 'Interrupted twice' in p.stderr and 'Stopped by' not in p.stdout and '[CHECKPOINT]' not in p.stdout, p.text()
+        assert not checkpoints(d)
+        for line in (d/'metrics.jsonl').read_text().splitlines(): json.loads(line)  # complete lines only
+        return
+    pytest.fail("three double Ctrl-Cs in a row were each handled as a single one")
 
 def test_closed_console_does_not_lose_the_run(tmp_path, data, env):
     "The reader of stdout goes away mid-run: the run still ends with a checkpoint, and without a traceback."

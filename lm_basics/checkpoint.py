@@ -10,8 +10,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from .core import LMBasicsError
 
 # %% auto #0
@@ -37,6 +35,7 @@ def unwrap_model(model:nn.Module) -> nn.Module:
 # %% ../nbs/04_checkpoint.ipynb #8d72b918
 def full_state_dicts(model:nn.Module, optimizer:torch.optim.Optimizer|None=None) -> tuple[dict, dict|None]:
     "Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter name. Collective under FSDP."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict  # slow import: on use
     m = unwrap_model(model)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(m, options=opts)
@@ -130,6 +129,7 @@ def load_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary
                     optimizer:torch.optim.Optimizer|None=None, # optimizer to restore, if any
                    ) -> int:
     "Restore `model` (and `optimizer`) from a checkpoint and return its iteration."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     ckpt = src if isinstance(src, dict) else read_checkpoint(src)
     m, opts = unwrap_model(model), StateDictOptions(full_state_dict=True)
     try: set_model_state_dict(m, _strip_prefixes(ckpt['model_state_dict']), options=opts)

@@ -336,7 +336,8 @@ def print_config(cfg:TrainConfig, file=None):
     line = '=' * 80
     print(line, 'Training Configuration', line, sep='\n', file=file)
     for k, v in sorted(asdict(cfg).items()):
-        print(f"{k:<28s} : {','.join(v) if isinstance(v, list) else v}", file=file)
+        v = ','.join(v) if isinstance(v, list) else v
+        print(f"{k:<28s} : {v if not isinstance(v, str) or v.isprintable() else repr(v)}", file=file)
     print(line, file=file)
 
 # %% ../nbs/05_train.ipynb #69a8731a
@@ -512,6 +513,17 @@ def train(cfg:TrainConfig, # the settings of the run
     metrics, run = None, None
     complete = final is not None and start_iter >= cfg.max_iters   # a finished run, rerun: its metrics stay as they are
     if master:
+        if cfg.use_wandb:   # first, so that a W&B failure leaves no file that makes checkpoint_dir look like a run
+            try: import wandb
+            except ImportError: raise LMBasicsError("--use_wandb needs the wandb package: pip install wandb") from None
+            try:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, tags=cfg.wandb_tags or None,
+                                 config=asdict(cfg), dir=str(ckpt_dir), id=wandb_id, resume='allow' if wandb_id else None)
+            except Exception as e:
+                raise LMBasicsError(f"W&B could not start ({str(e).splitlines()[0] if str(e) else type(e).__name__}); run `wandb login` "
+                                    f"or set WANDB_API_KEY, or log offline with WANDB_MODE=offline, or drop --use_wandb") from None
+            wandb_id = run.id
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             clean_temporary_files(ckpt_dir)
@@ -519,13 +531,8 @@ def train(cfg:TrainConfig, # the settings of the run
         except OSError as e:
             raise LMBasicsError(f"cannot write to checkpoint_dir {ckpt_dir} ({e.strerror}); choose a writable --checkpoint_dir") from None
         metrics = MetricsLog(ckpt_dir/'metrics.jsonl', truncate_to=None if complete else (metrics_pos if ckpt is not None else 0))
-        if cfg.use_wandb:
-            try: import wandb
-            except ImportError: raise LMBasicsError("--use_wandb needs the wandb package: pip install wandb") from None
-            run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, tags=cfg.wandb_tags or None,
-                             config=asdict(cfg), dir=str(ckpt_dir), id=wandb_id, resume='allow' if wandb_id else None)
-            wandb_id = run.id
     t_start = time.time() - elapsed0
+    last_losses = [float('nan'), float('nan')]
     last_plot = [time.time(), False]   # when loss.png was last drawn (the first after 30 s), and whether a failure was said
 
     def record(it, values, console=None):
@@ -538,8 +545,11 @@ def train(cfg:TrainConfig, # the settings of the run
         nonlocal best_val, last_eval
         kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=cfg.dtype,
                   rank=rank, world_size=world, loss_chunk=cfg.loss_chunk)
-        tl = _all_mean(estimate_loss(fwd, train_data, seed=cfg.seed + 1, **kw), device)
-        vl = _all_mean(estimate_loss(fwd, val_data, seed=cfg.seed + 2, **kw), device)
+        if prefix == 'final' and last_eval == it: tl, vl = last_losses   # just evaluated at this iteration
+        else:
+            tl = _all_mean(estimate_loss(fwd, train_data, seed=cfg.seed + 1, **kw), device)
+            vl = _all_mean(estimate_loss(fwd, val_data, seed=cfg.seed + 2, **kw), device)
+        last_losses[:] = [tl, vl]
         best_val = min(best_val, vl)
         ppl = math.exp(min(vl, 700))
         record(it, {f'{prefix}/train_loss': tl, f'{prefix}/val_loss': vl, f'{prefix}/val_perplexity': ppl},

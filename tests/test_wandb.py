@@ -1,0 +1,98 @@
+"""A W&B run, offline (`WANDB_MODE=offline`, no account), checked from what W&B itself wrote: the run's `.wandb`
+transaction log under CHECKPOINT_DIR/wandb/offline-run-*/, decoded record by record (protobuf `Record`s in the
+LevelDB log format), not from lm_basics' own console or metrics."""
+import json, math
+import pytest
+
+EXPECTED_KEYS = ('train/loss', 'train/learning_rate', 'train/tokens_per_sec', 'train/iter_time_ms',
+                 'eval/train_loss', 'eval/val_loss', 'eval/val_perplexity', 'final/train_loss', 'final/val_loss')
+
+@pytest.fixture(scope='module')
+def wandb_run(tmp_path_factory, corpus, lm):
+    cwd = tmp_path_factory.mktemp('wandb_cwd')
+    ckdir = cwd/'ck'
+    run = lm.run('--train_data_path', corpus.path('train', 'bin'), '--val_data_path', corpus.path('val', 'bin'),
+                 *lm.tiny_flags(vocab_size=256), '--checkpoint_dir', ckdir, '--use_wandb', '--wandb_project', 'P',
+                 '--wandb_run_name', 'N', '--wandb_tags', 'a,b', cwd=cwd)
+    lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
+                          expect=dict(use_wandb=True, wandb_project='P', wandb_run_name='N', wandb_tags='a,b'))
+    return cwd, ckdir
+
+def test_offline_run_lives_in_the_checkpoint_dir(wandb_run, lm):
+    cwd, ckdir = wandb_run
+    runs = lm.offline_runs(ckdir)
+    assert len(runs) == 1, runs
+    assert len(list(runs[0].glob('run-*.wandb'))) == 1
+    assert not (cwd/'wandb').exists(), "W&B wrote to the working directory instead of the checkpoint dir"
+
+def test_name_project_tags_and_config(wandb_run, lm):
+    from lm_basics.train import FIELDS
+    w = lm.read_wandb_run(lm.offline_runs(wandb_run[1])[0])
+    assert (w.project, w.name, w.tags) == ('P', 'N', ['a', 'b'])
+    assert set(w.config) == set(FIELDS), set(w.config) ^ set(FIELDS)   # the full config, nothing else
+    for k, v in dict(lm.TINY, vocab_size=256, use_wandb=True, wandb_project='P', wandb_run_name='N', wandb_tags=['a', 'b'],
+                     checkpoint_dir=str(wandb_run[1]), seed=42, lr=6e-4, beta2=0.95).items():
+        assert w.config[k] == v, (k, w.config[k], v)
+
+def test_every_metric_at_its_iteration(wandb_run, lm):
+    "Every quantity of both documents is logged, at the iteration it belongs to, with the value the run computed."
+    w = lm.read_wandb_run(lm.offline_runs(wandb_run[1])[0])
+    logged = {k for row in w.history for k in row if not k.startswith('_')}
+    assert set(EXPECTED_KEYS) <= logged, set(EXPECTED_KEYS) - logged
+    assert {k.split('/')[0] for k in logged} <= {'train', 'eval', 'final'}, logged   # one scheme of names
+    by_step = {}
+    for row in w.history: by_step.setdefault(row['_step'], {}).update(row)
+    T = lm.TINY
+    assert sorted(s for s, r in by_step.items() if 'train/loss' in r) == \
+        sorted({i for i in range(T['max_iters']) if i % T['log_interval'] == 0} | {T['max_iters'] - 1})
+    periodic = list(range(0, T['max_iters'], T['eval_interval']))
+    assert sorted(s for s, r in by_step.items() if 'eval/val_loss' in r) in (periodic, periodic + [T['max_iters']])
+    assert [s for s, r in by_step.items() if 'final/val_loss' in r] == [T['max_iters']]
+    for s, r in by_step.items():
+        if 'train/learning_rate' in r:
+            assert r['train/learning_rate'] == pytest.approx(lm.cosine_lr(s, 6e-4, 6e-5, T['warmup_iters'], T['max_iters']), rel=1e-9, abs=1e-15)
+        for p in ('eval', 'final'):
+            if f'{p}/val_loss' in r: assert r[f'{p}/val_perplexity'] == pytest.approx(math.exp(r[f'{p}/val_loss']), rel=1e-9)
+    # both sinks got the same numbers
+    for rec in lm.read_metrics(wandb_run[1]/'metrics.jsonl'):
+        for k, v in rec.items():
+            if k not in ('iter', 'time'): assert by_step[rec['iter']][k] == pytest.approx(v, rel=1e-12), (rec['iter'], k)
+    # the summary holds the final values
+    for k in ('final/train_loss', 'final/val_loss'):
+        assert w.summary[k] == pytest.approx(by_step[T['max_iters']][k], rel=1e-12)
+
+def test_reader_reads_records_split_across_blocks(tmp_path, lm):
+    "The .wandb reader itself: a record longer than a 32 KiB block is reassembled from FIRST/MIDDLE/LAST chunks."
+    import struct
+    from wandb.proto import wandb_internal_pb2 as pb
+    rec = pb.Record(); item = rec.history.item.add(); item.key = 'x'; item.value_json = json.dumps('y' * 70000)
+    body, small = rec.SerializeToString(), pb.Record()
+    small.history.item.add(key='k', value_json='1')
+    out, pos = bytearray(b':W&B' + struct.pack('<HB', 0xBEE1, 0)), 7
+    def put(kind, chunk):
+        out.extend(struct.pack('<IHB', 0, len(chunk), kind) + chunk)
+    put(1, small.SerializeToString())
+    rest, first = body, True
+    while rest:
+        left = 32768 - len(out) % 32768
+        if left < 7: out.extend(b'\0' * left); continue
+        chunk, rest = rest[:left - 7], rest[left - 7:]
+        put((2 if first else 3) if rest else (1 if first else 4), chunk); first = False
+    (tmp_path/'run-x.wandb').write_bytes(bytes(out))
+    recs = lm.read_wandb_records(tmp_path/'run-x.wandb')
+    assert [r.history.item[0].key for r in recs] == ['k', 'x']
+    assert json.loads(recs[1].history.item[0].value_json) == 'y' * 70000
+
+def test_no_wandb_login_is_one_clear_error(lm, corpus, tmp_path):
+    "Online W&B without an API key (no WANDB_MODE=offline, no login, no tty) is a user mistake: one `error:` line."
+    ckdir = tmp_path/'run'
+    run = lm.run('--train_data_path', corpus.path('train', 'npy'), '--val_data_path', corpus.path('val', 'npy'),
+                 *lm.tiny_flags(vocab_size=256, max_iters=4), '--checkpoint_dir', ckdir, '--use_wandb', cwd=tmp_path,
+                 env=dict(WANDB_MODE=None, WANDB_API_KEY=None, HOME=str(tmp_path), NETRC=str(tmp_path/'netrc'),
+                          WANDB_CONFIG_DIR=str(tmp_path/'wandb_config')))
+    assert 'Traceback' not in run.stdout + run.stderr, run
+    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), run
+    assert 'wandb' in lines[0].lower(), run
+    # nothing left behind that would make the directory look like a run
+    assert not (ckdir/'metrics.jsonl').exists() and not list(ckdir.glob('checkpoint_iter_*.pt')), sorted(ckdir.iterdir())

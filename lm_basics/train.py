@@ -23,8 +23,8 @@ from .checkpoint import (save_checkpoint, read_checkpoint, load_checkpoint, chec
 # %% auto #0
 __all__ = ['ALIASES', 'FIELDS', 'HELP', 'TYPES', 'TRAINING_ONLY', 'GPU_PEAK_TFLOPS', 'TrainConfig', 'coerce', 'validate',
            'canonical_name', 'load_config_file', 'build_parser', 'parse_config', 'merge_resumed_config',
-           'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config', 'StopSignal',
-           'threading_main', 'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
+           'resolve_dtype', 'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config',
+           'StopSignal', 'threading_main', 'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #48597667
 @dataclass
@@ -59,7 +59,7 @@ class TrainConfig:
     grad_clip:float=1.0 # gradient clipping max norm (0 disables)
     loss_chunk:int=1024 # rows of logits the fused LM head + cross-entropy computes at a time (0: all at once)
     skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
-    dtype:str='float32' # compute dtype: float32, bfloat16 or float16 (autocast)
+    dtype:str='auto' # compute dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16 or float16
     compile:bool=False # compile the model with torch.compile
     fsdp:bool=False # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
     # checkpointing and logging
@@ -174,7 +174,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     need(cfg.eps > 0, f"eps must be positive, got {cfg.eps}")
     need(0 <= cfg.warmup_iters <= cfg.max_iters,
          f"warmup_iters ({cfg.warmup_iters}) must lie between 0 and max_iters ({cfg.max_iters}); lower --warmup_iters")
-    need(cfg.dtype in ('float32', 'bfloat16', 'float16'), f"dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    need(cfg.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     need(cfg.dataset is None or cfg.dataset in BUILTIN_DATASETS,
          f"unknown dataset {cfg.dataset!r}; built-in datasets: {', '.join(BUILTIN_DATASETS)}")
     need(cfg.vocab_size <= 2**31 - 1, f"vocab_size {cfg.vocab_size} is too large")
@@ -265,6 +265,11 @@ def merge_resumed_config(cfg:TrainConfig, # the config of this command line
     return TrainConfig(**merged), changes
 
 # %% ../nbs/05_train.ipynb #e16d5cc5
+def resolve_dtype(dtype:str, device:torch.device) -> str:
+    "The compute dtype `auto` stands for: bfloat16 on a GPU that supports it, float32 elsewhere."
+    if dtype != 'auto': return dtype
+    return 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+
 def autocast_context(device:torch.device, dtype:str):
     "Autocast to `dtype` on `device`, or nothing for float32."
     if dtype == 'float32': return nullcontext()
@@ -463,7 +468,8 @@ def train(cfg:TrainConfig, # the settings of the run
         raise LMBasicsError(f"{ckpt_dir} already holds a run (checkpoints or metrics.jsonl); continue it with --resume auto, "
                             f"or choose another --checkpoint_dir so nothing is overwritten")
     device = dist_device or resolve_device(cfg.device)
-    if cfg.dtype == 'float16' and device.type != 'cuda':
+    dtype = resolve_dtype(cfg.dtype, device)
+    if dtype == 'float16' and device.type != 'cuda':
         raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {device.type}); use --dtype bfloat16 or float32")
     if cfg.fsdp and world == 1 and not dist.is_initialized():
         raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m lm_basics.train ...")
@@ -506,7 +512,7 @@ def train(cfg:TrainConfig, # the settings of the run
     if dist.is_initialized() and not cfg.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     fwd = torch.compile(train_model) if cfg.compile else train_model
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == 'float16')
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # -- logs (rank 0)
@@ -543,7 +549,7 @@ def train(cfg:TrainConfig, # the settings of the run
 
     def evaluate(it, prefix='eval'):
         nonlocal best_val, last_eval
-        kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=cfg.dtype,
+        kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=dtype,
                   rank=rank, world_size=world, loss_chunk=cfg.loss_chunk)
         if prefix == 'final' and last_eval == it: tl, vl = last_losses   # just evaluated at this iteration
         else:
@@ -583,12 +589,13 @@ def train(cfg:TrainConfig, # the settings of the run
     accum = cfg.gradient_accumulation_steps
     tokens_per_iter = cfg.batch_size * cfg.context_length * accum * world
     flops_per_iter = flops_per_token(model.config, n['non_embedding']) * tokens_per_iter
-    peak, peak_src = peak_flops(device, cfg.dtype) if master else (0.0, '')
+    peak, peak_src = peak_flops(device, dtype) if master else (0.0, '')
     peak_total = peak * world
     say(f"\nStarting training from iteration {start_iter}...\nDevice: {device}" + (f" x {world} processes" if world > 1 else "") +
+        f"\nCompute dtype: {dtype}" +
         f"\nMax iterations: {cfg.max_iters}\nTokens per iteration: {tokens_per_iter:,}"
         f"\nPeak: {peak / 1e9:,.1f} GFLOP/s per process ({peak_src})\n" + '-' * 80)
-    ctx = autocast_context(device, cfg.dtype)
+    ctx = autocast_context(device, dtype)
     model.train()
     it, stopped, skipped = start_iter, None, 0
     t_log, iters_since_log = time.perf_counter(), 0

@@ -4,13 +4,13 @@
 
 # %% ../nbs/09_bench.ipynb #7bfd7b5d
 from __future__ import annotations
-import argparse, json, os, resource, sys, time, tempfile
+import argparse, json, os, sys, time, tempfile
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
 from .core import LMBasicsError, cli_errors, resolve_device
-from .data import get_batch, save_tokens, open_tokens
+from .data import get_batch, save_tokens, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token
 from .optim import make_optimizer, clip_grad_norm
 from .train import autocast_context, peak_flops
@@ -19,9 +19,6 @@ from .train import autocast_context, peak_flops
 __all__ = ['bench_train_step', 'bench_sampling', 'main']
 
 # %% ../nbs/09_bench.ipynb #6b2fa1ef
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 def bench_train_step(vocab_size:int=10000, # vocabulary size
                      context_length:int=256, # T
                      d_model:int=256, # model width
@@ -41,7 +38,7 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     dev = resolve_device(device)
     d_ff = d_ff or int(8 * d_model / 3 + 7) // 8 * 8
     torch.manual_seed(0)
-    rss0 = _peak_rss_mb()
+    rss0 = peak_rss_mb()
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     model = TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff).to(dev)
     opt = make_optimizer(model, device_type=dev.type)
@@ -65,7 +62,7 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     n = count_parameters(model)
     peak = peak if peak is not None else peak_flops(dev, dtype)[0]
     tps = batch_size * context_length / dt
-    mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else _peak_rss_mb() - rss0
+    mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb() - rss0
     return dict(compile=compile, dtype=dtype, loss_chunk=loss_chunk, tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
                 mfu=tps * flops_per_token(model.config, n['non_embedding']) / peak if peak else float('nan'),
                 peak_mem_mb=mem, params=n['total'])

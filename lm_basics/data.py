@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #941402f8
 from __future__ import annotations
-import json, mmap, os, hashlib
+import json, mmap, os, sys, hashlib
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from .core import LMBasicsError, resolve_device, cache_dir
 
 # %% auto #0
 __all__ = ['INT_DTYPES', 'BUILTIN_DATASETS', 'open_tokens', 'save_tokens', 'release_pages', 'check_token_ids', 'load_tokens',
-           'get_batch', 'rss_mb', 'shakespeare_plays', 'builtin_dataset']
+           'get_batch', 'rss_mb', 'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
 
 # %% ../nbs/01_data.ipynb #01865987
 INT_DTYPES = ('uint8', 'uint16', 'uint32', 'uint64', 'int16', 'int32', 'int64')
@@ -142,12 +142,19 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
 
 # %% ../nbs/01_data.ipynb #3daf3d32
 def rss_mb() -> float:
-    "This process's resident set size in MiB (Linux `/proc`; 0 elsewhere)."
+    "This process's resident set size now, in MiB (Linux `/proc`; 0 elsewhere)."
     try:
         for line in open('/proc/self/status'):
             if line.startswith('VmRSS:'): return int(line.split()[1]) / 1024
     except OSError: pass
     return 0.0
+
+def peak_rss_mb() -> float:
+    "The largest resident set size this process has had, in MiB (`ru_maxrss`; 0 where unavailable)."
+    try: import resource
+    except ImportError: return 0.0
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == 'darwin' else r / 1024
 
 # %% ../nbs/01_data.ipynb #d10392eb
 def shakespeare_plays() -> dict[str, str]:

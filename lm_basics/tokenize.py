@@ -12,7 +12,7 @@ import numpy as np
 from fastcore.docments import docments
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from .core import LMBasicsError, cli_errors
-from .data import open_tokens, shakespeare_plays
+from .data import open_tokens, shakespeare_plays, peak_rss_mb
 
 # %% auto #0
 __all__ = ['EOT', 'TEXT_SUFFIXES', 'PREPARED_FILES', 'PREPARE_FLAGS', 'bpe_tokenizer', 'check_vocab_size', 'train_bpe', 'merges',
@@ -206,11 +206,6 @@ def token_dtype(vocab_size:int) -> str:
 
 PREPARED_FILES = ('train.npy', 'val.npy', 'tokenizer.json', 'meta.json')
 
-def _peak_rss_mb() -> float:
-    try: import resource
-    except ImportError: return 0.0
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == 'darwin' else r / 1024
 
 def _bar(total, desc, progress):
     from tqdm import tqdm
@@ -383,7 +378,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
         for w in writers.values(): w.f.close()
         _cleanup(work, created)
         raise
-    stats = dict(encode_seconds=round(seconds, 3), encode_mb_per_s=round(total / 1e6 / max(seconds, 1e-9), 3), peak_rss_mb=round(_peak_rss_mb(), 1))
+    stats = dict(encode_seconds=round(seconds, 3), encode_mb_per_s=round(total / 1e6 / max(seconds, 1e-9), 3), peak_rss_mb=round(peak_rss_mb(), 1))
     say(f"Encoded {total / 1e6:.1f} MB in {seconds:.1f} s ({stats['encode_mb_per_s']:.2f} MB/s): {n_train + n_val:,} tokens, "
         f"{meta['bytes_per_token']:.2f} bytes/token; peak RSS {stats['peak_rss_mb']:.0f} MiB")
     say(f"Wrote {out/'train.npy'} ({n_train:,} tokens, {docs['train']:,} documents), {out/'val.npy'} ({n_val:,} tokens, "

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #7e182eaa
 from __future__ import annotations
-import argparse, dataclasses, difflib, json, math, os, random, signal, sys, time, typing, warnings
+import argparse, dataclasses, difflib, json, math, os, random, signal, sys, threading, time, typing, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -21,10 +21,10 @@ from .checkpoint import (save_checkpoint, read_checkpoint, load_checkpoint, chec
                                   list_checkpoints, prune_checkpoints, clean_temporary_files, rng_state, set_rng_state)
 
 # %% auto #0
-__all__ = ['ALIASES', 'FIELDS', 'HELP', 'TYPES', 'TRAINING_ONLY', 'GPU_PEAK_TFLOPS', 'TrainConfig', 'coerce', 'validate',
-           'canonical_name', 'load_config_file', 'build_parser', 'parse_config', 'merge_resumed_config',
-           'resolve_dtype', 'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config',
-           'StopSignal', 'threading_main', 'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
+__all__ = ['ALIASES', 'FIELDS', 'HELP', 'TYPES', 'GPU_PEAK_TFLOPS', 'TrainConfig', 'coerce', 'validate', 'canonical_name',
+           'load_config_file', 'build_parser', 'parse_config', 'merge_resumed_config', 'resolve_dtype',
+           'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config', 'StopSignal',
+           'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #48597667
 @dataclass
@@ -96,11 +96,6 @@ def _field_help() -> dict:
     return {k: k.replace('_', ' ') for k in FIELDS}
 HELP = _field_help()
 TYPES = typing.get_type_hints(TrainConfig)
-TRAINING_ONLY = ('max_iters', 'lr', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1', 'beta2', 'eps', 'grad_clip',
-                 'batch_size', 'gradient_accumulation_steps', 'loss_chunk', 'checkpoint_interval', 'eval_interval', 'log_interval',
-                 'eval_iters', 'keep_last', 'keep_every', 'skip_nonfinite', 'device', 'dtype', 'compile', 'fsdp', 'use_wandb', 'wandb_project',
-                 'wandb_run_name', 'wandb_tags', 'train_data_path', 'val_data_path', 'dataset', 'data_dtype',
-                 'checkpoint_dir', 'resume_from', 'seed', 'plot', 'sample_tokens', 'sample_prompt')
 
 # %% ../nbs/05_train.ipynb #38ab9666
 def _base_type(t):
@@ -355,16 +350,12 @@ class StopSignal:
         print(f"\nReceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
               f"(press Ctrl-C again to stop at once)", flush=True)
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
             for s in (signal.SIGTERM, signal.SIGINT): self._old[s] = signal.signal(s, self._handle)
         return self
     def __exit__(self, *exc):
         if self.requested is not None and exc[0] is None: return   # stopping: a second Ctrl-C while saving still stops at once
         for s, h in self._old.items(): signal.signal(s, h)
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 # %% ../nbs/05_train.ipynb #38aae61c
 GPU_PEAK_TFLOPS = {  # dense tensor-core peak: (bfloat16/float16, float32 with TF32)

@@ -193,7 +193,8 @@ def builtin_dataset(name:str='shakespeare_bytes', # one of `BUILTIN_DATASETS`
         save_tokens(train, tr_ids, 'uint16'); save_tokens(val, va_ids, 'uint16')
         m = dict(name=name, tokenizer='bytes', vocab_size=256, dtype='uint16', train_tokens=len(tr_ids), val_tokens=len(va_ids),
                  val_documents=val_names, train_documents=len(names) - len(val_names))
-        tmp = meta.with_name('.meta.json.tmp'); tmp.write_text(json.dumps(m, indent=2)); os.replace(tmp, meta)
+        # a temporary name of this process's own: under torchrun every rank may prepare the data at once
+        tmp = meta.with_name(f'.meta.json.tmp-{os.getpid()}'); tmp.write_text(json.dumps(m, indent=2)); os.replace(tmp, meta)
     except OSError as e:
         raise LMBasicsError(f"cannot write the {name} dataset to {out} ({e.strerror}); set LM_BASICS_CACHE to a writable directory") from None
     return train, val

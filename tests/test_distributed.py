@@ -113,3 +113,27 @@ def test_fsdp_without_torchrun_is_a_clear_error(tmp_path, env):
     p = subprocess.run([str(BIN/'lm_basics_train')] + TINY + ['--fsdp', '--checkpoint_dir', str(tmp_path/'x')],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().startswith('error: --fsdp') and 'Traceback' not in p.stderr + p.stdout
+
+
+def _prepare(root, barrier):
+    from lm_basics.data import builtin_dataset
+    barrier.wait()
+    return builtin_dataset('shakespeare_bytes', root)
+
+
+def test_ranks_preparing_the_builtin_dataset_at_once_all_succeed(tmp_path):
+    # every torchrun rank calls builtin_dataset on a fresh cache at the same moment; a shared temporary name made
+    # one rank's os.replace fail ("cannot write the dataset") and the whole run exit 2
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from lm_basics.data import load_tokens
+    ctx, n = mp.get_context('spawn'), 6
+    barrier = mp.Manager().Barrier(n)
+    with ProcessPoolExecutor(n, mp_context=ctx) as ex:
+        for k in range(5):
+            root = tmp_path/f'cache{k}'
+            results = list(ex.map(_prepare, [root]*n, [barrier]*n))
+            assert len({tuple(map(str, r)) for r in results}) == 1
+            assert json.loads((root/'shakespeare_bytes'/'meta.json').read_text())['vocab_size'] == 256
+            assert len(load_tokens(results[0][0], 256, 32)) > 4_000_000
+            assert not [p for p in (root/'shakespeare_bytes').iterdir() if '.tmp' in p.name]   # no leftovers

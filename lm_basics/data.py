@@ -12,7 +12,7 @@ from .core import LMBasicsError, resolve_device, cache_dir
 
 # %% auto #0
 __all__ = ['INT_DTYPES', 'BUILTIN_DATASETS', 'open_tokens', 'save_tokens', 'release_pages', 'check_token_ids', 'load_tokens',
-           'get_batch', 'rss_mb', 'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
+           'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
 
 # %% ../nbs/01_data.ipynb #01865987
 INT_DTYPES = ('uint8', 'uint16', 'uint32', 'uint64', 'int16', 'int32', 'int64')
@@ -139,6 +139,34 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
     if device.type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+# %% ../nbs/01_data.ipynb #9ff4775c
+class BatchPrefetcher:
+    "Batches from `get_batch`, fetched one ahead, so that the next batch's gather and host→device copy overlap the current step."
+    def __init__(self, data:np.ndarray, # 1-D token array (usually a memmap)
+                 batch_size:int, # B, rows per process
+                 context_length:int, # T
+                 device:str|torch.device, # where batches go
+                 generator:torch.Generator, # CPU generator the start positions are drawn from (advanced as batches are fetched)
+                 rank:int=0, world_size:int=1): # as in `get_batch`
+        self.args = (data, batch_size, context_length, device, generator, rank, world_size)
+        self.generator, self.pending, self.state_before = generator, None, None
+
+    def prefetch(self):
+        "Fetch the next batch now (once), while the device is busy with the current step."
+        if self.pending is None:
+            self.state_before = self.generator.get_state()
+            self.pending = get_batch(*self.args)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "The next `(x, y)`: the one fetched ahead, or a fresh one."
+        self.prefetch()
+        batch, self.pending = self.pending, None
+        return batch
+
+    def generator_state(self) -> torch.Tensor:
+        "The generator's state as if no batch had been fetched ahead: what a checkpoint saves."
+        return self.state_before if self.pending is not None else self.generator.get_state()
 
 # %% ../nbs/01_data.ipynb #3daf3d32
 def rss_mb() -> float:

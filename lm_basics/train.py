@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from fastcore.docments import docments
 from .core import LMBasicsError, cli_errors, resolve_device
-from .data import load_tokens, get_batch, builtin_dataset, BUILTIN_DATASETS
+from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, cosine_lr, clip_grad_norm
 from .checkpoint import (save_checkpoint, read_checkpoint, load_checkpoint, checkpoint_path, latest_checkpoint,
@@ -478,6 +478,7 @@ def train(cfg:TrainConfig, # the settings of the run
     val_data = load_tokens(val_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"val data {val_path}")
     say(f"Train data size: {len(train_data):,} tokens")
     say(f"Validation data size: {len(val_data):,} tokens")
+    batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world)
     if dist.is_initialized(): dist.barrier()   # every rank has checked everything before anything is written
 
     # -- model and optimizer
@@ -567,7 +568,7 @@ def train(cfg:TrainConfig, # the settings of the run
 
     def save(it, metrics_bytes=None, final=None):
         path = checkpoint_path(ckpt_dir, it)
-        state = dict(rng=rng_state(gen), best_val_loss=best_val, last_eval_iter=last_eval, final=final,
+        state = dict(rng=rng_state(torch.Generator().set_state(batches.generator_state())), best_val_loss=best_val, last_eval_iter=last_eval, final=final,
                      metrics_bytes=metrics_bytes if metrics_bytes is not None else (metrics.tell() if master else None),
                      elapsed=time.time() - t_start, wandb_id=wandb_id)
         save_checkpoint(path, model, optimizer, it, config=asdict(cfg), train_state=state)
@@ -604,9 +605,10 @@ def train(cfg:TrainConfig, # the settings of the run
                     last = micro == accum - 1   # gradients are synchronised across ranks on the last micro-step only
                     if cfg.fsdp: model.set_requires_gradient_sync(last)
                     sync = train_model.no_sync() if isinstance(train_model, torch.nn.parallel.DistributedDataParallel) and not last else nullcontext()
-                    x, y = get_batch(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world)
+                    x, y = batches.next()
                     with sync:
                         with ctx: loss = fwd(x, targets=y, loss_chunk=cfg.loss_chunk) / accum
+                        batches.prefetch()   # queued behind the forward pass: on CUDA the next batch's copy overlaps the step
                         scaler.scale(loss).backward()
                     loss_sum += loss.detach()
                 scaler.unscale_(optimizer)

@@ -4,21 +4,43 @@
 
 # %% ../nbs/09_bench.ipynb #7bfd7b5d
 from __future__ import annotations
-import argparse, json, os, sys, time, tempfile
+import inspect, json, os, subprocess, sys, time, tempfile
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .core import LMBasicsError, cli_errors, resolve_device
+from fastcore.meta import delegates
+from .core import LMBasicsError, cli_errors, resolve_device, CLIParser, add_func_args
 from .data import get_batch, save_tokens, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token
 from .optim import make_optimizer, clip_grad_norm
 from .train import autocast_context, peak_flops
 
 # %% auto #0
-__all__ = ['bench_train_step', 'bench_sampling', 'main']
+__all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'bench_train_step', 'profile_train_step', 'bench_sampling',
+           'run_isolated', 'main']
 
 # %% ../nbs/09_bench.ipynb #6b2fa1ef
+def _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device):
+    "A model, its optimizer and a fixed random batch; return `(model, step)`, `step()` being one training step as the trainer runs it."
+    dev = resolve_device(device)
+    d_ff = d_ff or int(8 * d_model / 3 + 7) // 8 * 8
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff).to(dev)
+    opt = make_optimizer(model, device_type=dev.type)
+    fwd = torch.compile(model) if compile else model
+    ctx = autocast_context(dev, dtype)
+    x = torch.randint(vocab_size, (batch_size, context_length), device=dev)
+    y = torch.randint(vocab_size, (batch_size, context_length), device=dev)
+    def step():
+        with ctx: loss = fwd(x, targets=y, loss_chunk=loss_chunk)
+        loss.backward(); clip_grad_norm(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
+        return loss
+    return model, step
+
+def _sync(device):
+    if torch.device(device).type == 'cuda': torch.cuda.synchronize()
+
 def bench_train_step(vocab_size:int=10000, # vocabulary size
                      context_length:int=256, # T
                      d_model:int=256, # model width
@@ -36,36 +58,57 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
                     ) -> dict:
     "Time full training steps of one configuration; return tokens/sec, ms/step, MFU and peak memory."
     dev = resolve_device(device)
-    d_ff = d_ff or int(8 * d_model / 3 + 7) // 8 * 8
-    torch.manual_seed(0)
-    rss0 = peak_rss_mb()
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-    model = TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff).to(dev)
-    opt = make_optimizer(model, device_type=dev.type)
-    fwd = torch.compile(model) if compile else model
-    ctx = autocast_context(dev, dtype)
-    x = torch.randint(vocab_size, (batch_size, context_length), device=dev)
-    y = torch.randint(vocab_size, (batch_size, context_length), device=dev)
-    def step():
-        with ctx: loss = fwd(x, targets=y, loss_chunk=loss_chunk)
-        loss.backward(); clip_grad_norm(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
-        return loss
+    model, step = _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device)
     t = time.perf_counter()
     for _ in range(warmup): step()
-    if dev.type == 'cuda': torch.cuda.synchronize()
+    _sync(dev)
     warm_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(steps): loss = step()
-    loss.item()
-    if dev.type == 'cuda': torch.cuda.synchronize()
+    loss.item(); _sync(dev)
     dt = (time.perf_counter() - t) / steps
     n = count_parameters(model)
     peak = peak if peak is not None else peak_flops(dev, dtype)[0]
     tps = batch_size * context_length / dt
-    mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb() - rss0
+    mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
     return dict(compile=compile, dtype=dtype, loss_chunk=loss_chunk, tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
                 mfu=tps * flops_per_token(model.config, n['non_embedding']) / peak if peak else float('nan'),
                 peak_mem_mb=mem, params=n['total'])
+
+# %% ../nbs/09_bench.ipynb #47792605
+MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_scaled_mm')
+
+def _kind(op:str) -> str:
+    if op in MATMUL_OPS: return 'matmul'
+    return 'attention' if 'scaled_dot_product' in op or 'flash_attention' in op or 'efficient_attention' in op else 'other'
+
+@delegates(bench_train_step, but=['steps', 'warmup', 'peak'])
+def profile_train_step(steps:int=2, # profiled steps
+                       warmup:int=2, # unprofiled steps first (compilation happens here)
+                       top:int=12, # operators to list
+                       **kwargs) -> dict:
+    "Profile training steps: the top operators by self time, the share of matmul and attention, and the matmuls' own FLOP rate."
+    from torch.profiler import profile, ProfilerActivity
+    kw = dict(inspect.signature(bench_train_step).parameters)
+    cfg = {k: kwargs.get(k, p.default) for k, p in kw.items() if k not in ('steps', 'warmup', 'peak')}
+    model, step = _setup_step(**cfg)
+    for _ in range(warmup): step()
+    _sync(cfg['device'])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if resolve_device(cfg['device']).type == 'cuda' else [])
+    with profile(activities=acts, with_flops=True) as prof:
+        for _ in range(steps): step()
+        _sync(cfg['device'])
+    dev_time = 'self_device_time_total' if acts[-1] != ProfilerActivity.CPU else 'self_cpu_time_total'
+    ops = [dict(op=e.key, ms=getattr(e, dev_time) / 1e3 / steps, calls=e.count // steps, flops=e.flops / steps, kind=_kind(e.key))
+           for e in prof.key_averages()]
+    ops = sorted([o for o in ops if o['ms'] > 0], key=lambda o: -o['ms'])
+    total = sum(o['ms'] for o in ops)
+    share = {k: sum(o['ms'] for o in ops if o['kind'] == k) / total for k in ('matmul', 'attention', 'other')}
+    mm_ms, mm_flops = sum(o['ms'] for o in ops if o['kind'] == 'matmul'), sum(o['flops'] for o in ops if o['kind'] == 'matmul')
+    return dict(compile=cfg['compile'], dtype=cfg['dtype'], step_ms=total, share=share,
+                matmul_flops_per_sec=mm_flops / (mm_ms / 1e3) if mm_ms else float('nan'),
+                top=[{**o, 'share': o['ms'] / total} for o in ops[:top]])
 
 # %% ../nbs/09_bench.ipynb #1b6a4464
 def bench_sampling(batch_size:int=16, context_length:int=256, n_tokens:int=50_000_000, batches:int=2000) -> dict:
@@ -82,38 +125,81 @@ def bench_sampling(batch_size:int=16, context_length:int=256, n_tokens:int=50_00
         dt = time.perf_counter() - t
     return dict(batches_per_sec=batches / dt, tokens_per_sec=batches * batch_size * context_length / dt)
 
+# %% ../nbs/09_bench.ipynb #6825b3ad
+def run_isolated(func:str, # name of a function of this module: 'bench_train_step' or 'profile_train_step'
+                 **kwargs) -> dict:
+    "Call `lm_basics.bench.<func>(**kwargs)` in a fresh Python process and return its result."
+    code = ("import json, sys\nfrom lm_basics import bench\n"
+            "print('\\n' + json.dumps(getattr(bench, sys.argv[1])(**json.loads(sys.argv[2]))))")
+    p = subprocess.run([sys.executable, '-c', code, func, json.dumps(kwargs)], capture_output=True, text=True)
+    if p.returncode != 0:
+        why = next((l for l in reversed(p.stderr.strip().splitlines()) if l.strip()), f'exit status {p.returncode}')
+        raise LMBasicsError(f"{func}({', '.join(f'{k}={v!r}' for k, v in kwargs.items() if k in ('compile', 'dtype'))}) failed: {why}; "
+                            f"leave that variant out (--variants)")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
 # %% ../nbs/09_bench.ipynb #47af2f4f
+BENCH_FLAGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'batch_size', 'loss_chunk', 'steps', 'warmup', 'device')
+MODES, DTYPES = ('eager', 'compiled'), ('float32', 'bfloat16', 'float16')
+
 def _table(rows:list[dict]) -> str:
     head = "| variant | tokens/sec | ms/step | MFU | peak memory (MiB) | warm-up (s) |\n|---|---:|---:|---:|---:|---:|\n"
     return head + ''.join(f"| {'compiled' if r['compile'] else 'eager'} {r['dtype']} | {r['tokens_per_sec']:,.0f} | {r['ms_per_step']:.0f} | "
                           f"{r['mfu'] * 100:.1f}% | {r['peak_mem_mb']:,.0f} | {r['warmup_s']:.1f} |\n" for r in rows)
 
+def _profile_text(pr:dict, peak:float) -> str:
+    s = pr['share']
+    head = (f"\nProfile of one {'compiled' if pr['compile'] else 'eager'} {pr['dtype']} step ({pr['step_ms']:.0f} ms of operator time): "
+            f"matmul {s['matmul'] * 100:.0f}%, attention {s['attention'] * 100:.0f}%, other {s['other'] * 100:.0f}%; "
+            f"the matmuls run at {pr['matmul_flops_per_sec'] / 1e9:,.1f} GFLOP/s"
+            + (f" ({pr['matmul_flops_per_sec'] / peak * 100:.0f}% of the probe)" if peak else '') + "\n\n")
+    return head + "| operator | kind | ms/step | share | calls |\n|---|---|---:|---:|---:|\n" + ''.join(
+        f"| `{o['op']}` | {o['kind']} | {o['ms']:.1f} | {o['share'] * 100:.1f}% | {o['calls']} |\n" for o in pr['top'])
+
+def _variants(spec:str, device:torch.device) -> list[tuple[str, str]]:
+    out = []
+    for v in spec.split(','):
+        mode, _, dtype = v.strip().partition(':')
+        if mode not in MODES or dtype not in DTYPES:
+            raise LMBasicsError(f"--variants: {v.strip()!r} is not MODE:DTYPE; use {'|'.join(MODES)}:{'|'.join(DTYPES)}, e.g. eager:float32,compiled:bfloat16")
+        if dtype == 'float16' and device.type != 'cuda':
+            raise LMBasicsError(f"--variants: {v.strip()} needs a CUDA GPU (float16 autocast with a gradient scaler); use float32 or bfloat16 on {device.type}")
+        out.append((mode, dtype))
+    return out
+
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_bench`."
-    p = argparse.ArgumentParser(prog='lm_basics_bench', description="Measure training throughput, MFU and memory of one configuration.")
-    for k, v in dict(vocab_size=10000, context_length=256, d_model=256, num_layers=4, num_heads=4, batch_size=16, steps=5, warmup=2).items():
-        p.add_argument(f'--{k}', f"--{k.replace('_', '-')}", type=int, default=v)
-    p.add_argument('--device', default='cpu'); p.add_argument('--out', default='bench_results')
+    p = CLIParser(prog='lm_basics_bench', description="Measure training throughput, MFU and memory of one configuration, "
+                                                       "each variant in its own process, and optionally profile a step.")
+    add_func_args(p, bench_train_step, list(BENCH_FLAGS))
     p.add_argument('--variants', default='eager:float32,compiled:float32,eager:bfloat16,compiled:bfloat16',
-                   help='comma-separated eager|compiled:float32|bfloat16|float16')
-    a = p.parse_args(argv)
-    dev = resolve_device(a.device)
+                   help='comma-separated MODE:DTYPE, MODE eager|compiled, DTYPE float32|bfloat16|float16 (default: all four CPU ones)')
+    p.add_argument('--profile', action='store_true', help='also profile one step of each variant and list its top operators')
+    p.add_argument('--out', default='bench_results', help='results go to OUT.md and OUT.json (default: bench_results)')
+    a = vars(p.parse_args(argv))
+    cfg = {k: a[k] for k in BENCH_FLAGS}
+    dev = resolve_device(cfg['device'])
+    variants = _variants(a['variants'], dev)
     peak, src = peak_flops(dev, 'float32')
     print(f"device {dev} | {torch.get_num_threads()} threads | peak {peak / 1e9:,.1f} GFLOP/s ({src}) | torch {torch.__version__}", flush=True)
-    cfg = dict(vocab_size=a.vocab_size, context_length=a.context_length, d_model=a.d_model, num_layers=a.num_layers,
-               num_heads=a.num_heads, batch_size=a.batch_size, steps=a.steps, warmup=a.warmup, device=a.device)
-    rows = []
-    for v in a.variants.split(','):
-        mode, dtype = v.split(':')
-        if dtype == 'float16' and dev.type != 'cuda': continue
+    rows, profiles = [], []
+    for mode, dtype in variants:
         pk = peak if dtype == 'float32' or dev.type == 'cpu' else peak_flops(dev, dtype)[0]
-        r = bench_train_step(**cfg, compile=mode == 'compiled', dtype=dtype, peak=pk)
-        rows.append(r); print(f"{mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  {r['ms_per_step']:7.0f} ms/step  MFU {r['mfu'] * 100:5.1f}%", flush=True)
-    s = bench_sampling(a.batch_size, a.context_length)
+        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, peak=pk)
+        rows.append(r); print(f"{mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  {r['ms_per_step']:7.0f} ms/step  "
+                              f"MFU {r['mfu'] * 100:5.1f}%  peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
+        if a['profile']:
+            prof_cfg = {k: v for k, v in cfg.items() if k not in ('steps', 'warmup')}
+            profiles.append(run_isolated('profile_train_step', **prof_cfg, compile=mode == 'compiled', dtype=dtype))
+    s = bench_sampling(cfg['batch_size'], cfg['context_length'])
     text = (f"Configuration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} threads, peak {peak / 1e9:,.1f} GFLOP/s ({src}), torch {torch.__version__}\n\n"
-            + _table(rows) + f"\nBatch sampling (get_batch from a 50M-token memmap): {s['batches_per_sec']:,.0f} batches/s, {s['tokens_per_sec']:,.0f} tokens/s\n")
+            + _table(rows) + f"\nBatch sampling (get_batch from a 50M-token memmap): {s['batches_per_sec']:,.0f} batches/s, {s['tokens_per_sec']:,.0f} tokens/s\n"
+            + ''.join(_profile_text(pr, peak) for pr in profiles))
     print('\n' + text)
-    Path(a.out + '.md').write_text(text)
-    Path(a.out + '.json').write_text(json.dumps(dict(config=cfg, peak_flops=peak, peak_source=src, rows=rows, sampling=s), indent=2))
-    print(f"wrote {a.out}.md and {a.out}.json")
+    try:
+        Path(a['out'] + '.md').write_text(text)
+        Path(a['out'] + '.json').write_text(json.dumps(dict(config=cfg, peak_flops=peak, peak_source=src, rows=rows, sampling=s,
+                                                            profiles=profiles), indent=2))
+    except OSError as e: raise LMBasicsError(f"cannot write {a['out']}.md ({e.strerror}); choose another --out") from None
+    print(f"wrote {a['out']}.md and {a['out']}.json")

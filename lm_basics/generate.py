@@ -8,10 +8,10 @@ import math, sys
 from pathlib import Path
 from typing import Iterator
 import torch
-from .core import LMBasicsError, cli_errors, resolve_device, cache_dir
+from .core import LMBasicsError, cli_errors, resolve_device, cache_dir, CLIParser, add_func_args
 from .model import TransformerLM, MODEL_ARGS
 from .checkpoint import read_checkpoint, load_checkpoint, latest_checkpoint
-from .tokenize import EOT, load_tokenizer, CLIParser, add_func_args
+from .tokenize import EOT, load_tokenizer
 
 # %% auto #0
 __all__ = ['GENERATE_FLAGS', 'ByteCodec', 'HFCodec', 'find_tokenizer', 'IncrementalLM', 'check_sampling', 'sample_token',
@@ -218,7 +218,7 @@ GENERATE_FLAGS = ('checkpoint', 'prompt', 'prompt_file', 'tokenizer', 'max_new_t
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_generate`."
-    p = CLIParser(prog='lm_basics_generate', allow_abbrev=False,
+    p = CLIParser(prog='lm_basics_generate',
                   description="Sample text from a checkpoint of lm_basics_train, streaming it to stdout as it is produced.")
     add_func_args(p, generate_text, list(GENERATE_FLAGS))
     args = vars(p.parse_args(argv))

@@ -166,10 +166,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             z = (hc @ weight.t()).float()                              # (n, V)
-            lse = torch.logsumexp(z, dim=-1)                           # (n,)
-            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            logp = torch.log_softmax(z, dim=-1); del z                 # one fused pass over the logits
+            total -= logp.gather(1, tc[:, None]).sum()
             if need_h or need_w:
-                g = z.sub_(lse[:, None]).exp_()                        # softmax, in place of the logits
+                g = logp.exp_()                                        # softmax, in place of the log-probabilities
                 g[torch.arange(len(tc), device=g.device), tc] -= 1.0
                 g = g.div_(N).to(h.dtype)                              # dL/dz for these rows
                 if need_h: grad_h[s:s + chunk] = g @ weight.to(h.dtype)   # (n, d)

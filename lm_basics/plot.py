@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, json, math, os, sys, warnings
 from pathlib import Path
 from matplotlib.figure import Figure
-from .core import LMBasicsError, cli_errors
+from .core import LMBasicsError, cli_errors, CLIParser
 
 # %% auto #0
 __all__ = ['SERIES', 'load_run', 'plot_runs', 'refresh_loss_plot', 'main']
@@ -111,8 +111,7 @@ def refresh_loss_plot(run_dir:str|Path, # the run's checkpoint_dir
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_plot`."
-    from lm_basics.tokenize import CLIParser
-    p = CLIParser(prog='lm_basics_plot', allow_abbrev=False,
+    p = CLIParser(prog='lm_basics_plot',
                   description="Plot train/validation loss vs iteration and vs wall-clock time, and the learning rate, "
                               "of one or more runs (their checkpoint_dir) to a PNG.")
     p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help="a run's checkpoint_dir, holding metrics.jsonl (several are overlaid)")

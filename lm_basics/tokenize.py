@@ -11,13 +11,13 @@ from typing import Iterable, Iterator
 import numpy as np
 from fastcore.docments import docments
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-from .core import LMBasicsError, cli_errors
+from .core import LMBasicsError, cli_errors, CLIParser, add_func_args
 from .data import open_tokens, shakespeare_plays, peak_rss_mb
 
 # %% auto #0
 __all__ = ['EOT', 'TEXT_SUFFIXES', 'PREPARED_FILES', 'PREPARE_FLAGS', 'bpe_tokenizer', 'check_vocab_size', 'train_bpe', 'merges',
            'show_token', 'load_tokenizer', 'find_inputs', 'read_text', 'cut_point', 'iter_pieces', 'TokenWriter',
-           'is_val_document', 'token_dtype', 'prepare', 'CLIParser', 'add_func_args', 'main', 'benchmark_encode']
+           'is_val_document', 'token_dtype', 'prepare', 'main', 'benchmark_encode']
 
 # %% ../nbs/06_tokenize.ipynb #533a7ca8
 EOT = '<|endoftext|>'
@@ -387,36 +387,6 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
     return meta | stats
 
 # %% ../nbs/06_tokenize.ipynb #4932141e
-class CLIParser(argparse.ArgumentParser):
-    "An `ArgumentParser` whose usage errors are `LMBasicsError`s (one line, exit status 2 under `cli_errors`)."
-    def error(self, message): raise LMBasicsError(f"{message}; see {self.prog} --help")
-
-def _flag_type(t):
-    args = [a for a in typing.get_args(t) if a is not type(None)]
-    return args[0] if args and typing.get_origin(t) is not list else t
-
-def add_func_args(parser:argparse.ArgumentParser, # the parser to add flags to
-                  func, # a function with docments comments on its arguments
-                  names:list[str], # the arguments to expose, in order
-                  positional:tuple[str, ...]=(), # those that are positional (lists take one or more)
-                 ):
-    "Add a flag per argument of `func`, with its type, default and help text from the signature and docments."
-    hints, sig, docs = typing.get_type_hints(func), __import__('inspect').signature(func), docments(func)
-    for n in names:
-        t, d, h = _flag_type(hints.get(n, str)), sig.parameters[n].default, docs.get(n) or n.replace('_', ' ')
-        if typing.get_origin(t) is list:
-            kw = dict(nargs='+' if n in positional else None, help=h)
-            if n in positional: parser.add_argument(n, metavar=n.upper().rstrip('S'), **kw)
-            else: parser.add_argument(f'--{n}', type=lambda s: [x.strip() for x in s.split(',') if x.strip()], default=list(d),
-                                      metavar='A,B', help=f"{h} (default: {','.join(d)})")
-        elif n in positional: parser.add_argument(n, type=t, help=h)
-        elif t is bool: parser.add_argument(f'--{n}', action=argparse.BooleanOptionalAction, default=d, help=f"{h} (default: {d})")
-        else:
-            required = d is __import__('inspect').Parameter.empty
-            parser.add_argument(f'--{n}', type=t, default=None if required else d, required=required, metavar=t.__name__.upper(),
-                                help=h + ('' if required or d is None or '(default' in h else f" (default: {d})"))
-    return parser
-
 PREPARE_FLAGS = ('out', 'vocab_size', 'special_tokens', 'tokenizer', 'val_fraction', 'min_frequency', 'tokenizer_train_bytes',
                  'force', 'verify', 'progress')
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fastcore.docments import docments
-from .core import LMBasicsError, cli_errors, resolve_device
+from .core import LMBasicsError, cli_errors, resolve_device, CLIParser
 from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, cosine_lr, clip_grad_norm
@@ -23,8 +23,8 @@ from .checkpoint import (save_checkpoint, read_checkpoint, load_checkpoint, chec
 # %% auto #0
 __all__ = ['ALIASES', 'FIELDS', 'HELP', 'TYPES', 'GPU_PEAK_TFLOPS', 'TrainConfig', 'coerce', 'validate', 'canonical_name',
            'load_config_file', 'build_parser', 'parse_config', 'merge_resumed_config', 'resolve_dtype',
-           'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config', 'StopSignal',
-           'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
+           'resolve_compile', 'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config',
+           'StopSignal', 'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #48597667
 @dataclass
@@ -59,8 +59,9 @@ class TrainConfig:
     grad_clip:float=1.0 # gradient clipping max norm (0 disables)
     loss_chunk:int=1024 # rows of logits the fused LM head + cross-entropy computes at a time (0: all at once)
     skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
+    check_finite:bool=True # check loss and gradient norm before every update (one device sync per step); off: at log intervals and before saving
     dtype:str='auto' # compute dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16 or float16
-    compile:bool=False # compile the model with torch.compile
+    compile:bool|None=None # compile the model with torch.compile (default: on for CUDA, off elsewhere)
     fsdp:bool=False # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
     # checkpointing and logging
     checkpoint_dir:str='checkpoints' # directory for checkpoints, metrics.jsonl and config.json
@@ -156,6 +157,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     need(cfg.sample_tokens >= 0, f"sample_tokens must be >= 0, got {cfg.sample_tokens}")
     need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     need(cfg.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {cfg.skip_nonfinite}")
+    need(cfg.check_finite or cfg.skip_nonfinite == 0, "--skip_nonfinite needs the check before every update: drop --no-check_finite")
     need(cfg.d_model % cfg.num_heads == 0,
          f"num_heads ({cfg.num_heads}) must divide d_model ({cfg.d_model}); try --num_heads "
          f"{max(h for h in range(1, min(cfg.num_heads, cfg.d_model) + 1) if cfg.d_model % h == 0 and (cfg.d_model // h) % 2 == 0) if cfg.d_model % 2 == 0 else 1}")
@@ -205,9 +207,6 @@ def load_config_file(path:str|Path) -> dict:
     return out
 
 # %% ../nbs/05_train.ipynb #866a9e6c
-class _Parser(argparse.ArgumentParser):
-    def error(self, message): raise LMBasicsError(f"{message}; see {self.prog} --help")
-
 def _spellings(name:str) -> list[str]:
     keys = [name] + [a for a, n in ALIASES.items() if n == name]
     out = []
@@ -218,7 +217,7 @@ def _spellings(name:str) -> list[str]:
 
 def build_parser(prog:str='lm_basics_train') -> argparse.ArgumentParser:
     "The command-line parser, derived from `TrainConfig`."
-    p = _Parser(prog=prog, allow_abbrev=False, argument_default=argparse.SUPPRESS,
+    p = CLIParser(prog=prog, argument_default=argparse.SUPPRESS,
                 description="Train a decoder-only Transformer language model. Settings come from the defaults, "
                             "then --config FILE.json, then the flags given here.")
     p.add_argument('--config', metavar='FILE.json', help='JSON file of settings (flags given here override it)')
@@ -264,6 +263,10 @@ def resolve_dtype(dtype:str, device:torch.device) -> str:
     "The compute dtype `auto` stands for: bfloat16 on a GPU that supports it, float32 elsewhere."
     if dtype != 'auto': return dtype
     return 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+
+def resolve_compile(compile:bool|None, device:torch.device) -> bool:
+    "Whether to `torch.compile` the model: as asked, or when unset, on CUDA only."
+    return (device.type == 'cuda') if compile is None else compile
 
 def autocast_context(device:torch.device, dtype:str):
     "Autocast to `dtype` on `device`, or nothing for float32."
@@ -459,7 +462,7 @@ def train(cfg:TrainConfig, # the settings of the run
         raise LMBasicsError(f"{ckpt_dir} already holds a run (checkpoints or metrics.jsonl); continue it with --resume auto, "
                             f"or choose another --checkpoint_dir so nothing is overwritten")
     device = dist_device or resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype, compiled = resolve_dtype(cfg.dtype, device), resolve_compile(cfg.compile, device)
     if dtype == 'float16' and device.type != 'cuda':
         raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {device.type}); use --dtype bfloat16 or float32")
     if cfg.fsdp and world == 1 and not dist.is_initialized():
@@ -503,7 +506,7 @@ def train(cfg:TrainConfig, # the settings of the run
     train_model = model
     if dist.is_initialized() and not cfg.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    fwd = torch.compile(train_model) if cfg.compile else train_model
+    fwd = torch.compile(train_model) if compiled else train_model
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == 'float16')
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -539,7 +542,7 @@ def train(cfg:TrainConfig, # the settings of the run
         if run is not None: run.log(values, step=it)
         if console: say(console)
 
-    def evaluate(it, prefix='eval'):
+    def evaluate(it, prefix='eval', show=True):
         nonlocal best_val, last_eval
         kw = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=dtype,
                   rank=rank, world_size=world, loss_chunk=cfg.loss_chunk)
@@ -551,7 +554,7 @@ def train(cfg:TrainConfig, # the settings of the run
         best_val = min(best_val, vl)
         ppl = math.exp(min(vl, 700))
         record(it, {f'{prefix}/train_loss': tl, f'{prefix}/val_loss': vl, f'{prefix}/val_perplexity': ppl},
-               f"[EVAL] iter {it:6d} | Train loss: {tl:.4f} | Val loss: {vl:.4f} | Val ppl: {ppl:.2f}")
+               f"[EVAL] iter {it:6d} | Train loss: {tl:.4f} | Val loss: {vl:.4f} | Val ppl: {ppl:.2f}" if show else None)
         if prefix == 'eval': last_eval = it
         if prefix == 'final' or time.time() - last_plot[0] > 30: plot()   # at most every 30 s, and at the end
         return tl, vl, ppl
@@ -566,7 +569,15 @@ def train(cfg:TrainConfig, # the settings of the run
         if ok is None and caught and not last_plot[1]: say(f"Warning: {caught[0].message}")
         last_plot[:] = [time.time(), last_plot[1] or ok is None]
 
+    def check_unchecked(it):
+        "With --no-check_finite: stop if any step since the last look was non-finite (the weights after it are poisoned)."
+        if cfg.check_finite or not unchecked.item(): return
+        raise LMBasicsError(f"non-finite loss or gradient norm in a step before iteration {it} (with --no-check_finite, steps are checked "
+                            f"at log intervals and before saving); nothing after it was saved; last good checkpoint: "
+                            f"{latest_checkpoint(ckpt_dir) or 'none'}; lower --lr, raise --warmup_iters or check the data, then resume")
+
     def save(it, metrics_bytes=None, final=None):
+        check_unchecked(it)
         path = checkpoint_path(ckpt_dir, it)
         state = dict(rng=rng_state(torch.Generator().set_state(batches.generator_state())), best_val_loss=best_val, last_eval_iter=last_eval, final=final,
                      metrics_bytes=metrics_bytes if metrics_bytes is not None else (metrics.tell() if master else None),
@@ -584,10 +595,13 @@ def train(cfg:TrainConfig, # the settings of the run
     peak, peak_src = peak_flops(device, dtype) if master else (0.0, '')
     peak_total = peak * world
     say(f"\nStarting training from iteration {start_iter}...\nDevice: {device}" + (f" x {world} processes" if world > 1 else "") +
-        f"\nCompute dtype: {dtype}" +
+        f"\nCompute dtype: {dtype}" + f"\nCompiled: {'yes' if compiled else 'no'}{' (the default on ' + device.type + ')' if cfg.compile is None else ''}" +
         f"\nMax iterations: {cfg.max_iters}\nTokens per iteration: {tokens_per_iter:,}"
         f"\nPeak: {peak / 1e9:,.1f} GFLOP/s per process ({peak_src})\n" + '-' * 80)
     ctx = autocast_context(device, dtype)
+    unchecked = torch.zeros((), dtype=torch.bool, device=device)   # with --no-check_finite: a non-finite step since the last look
+    # the stop-signal vote runs on the CPU: over NCCL it would wait for the GPU at every step
+    ctrl = dist.new_group(backend='gloo') if dist.is_initialized() and dist.get_backend() == 'nccl' else None
     model.train()
     it, stopped, skipped = start_iter, None, 0
     t_log, iters_since_log = time.perf_counter(), 0
@@ -615,7 +629,8 @@ def train(cfg:TrainConfig, # the settings of the run
                 grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
                 if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()
                 finite = torch.isfinite(grad_norm if dist.is_initialized() else loss_sum + grad_norm)
-                if not scaler.is_enabled() and not finite:  # before the step touches the weights
+                if not cfg.check_finite: unchecked |= ~finite   # no sync: read at log intervals and before saving
+                elif not scaler.is_enabled() and not finite:  # before the step touches the weights
                     skipped += 1
                     msg = f"non-finite loss {loss_sum.item()} / gradient norm {grad_norm.item()} at iteration {it}"
                     if skipped > cfg.skip_nonfinite:
@@ -631,6 +646,7 @@ def train(cfg:TrainConfig, # the settings of the run
                 optimizer.zero_grad(set_to_none=True)
                 iters_since_log += 1
                 if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+                    check_unchecked(it + 1)
                     loss_v, norm_v = _all_mean(loss_sum, device), grad_norm.item()   # the one wait for the device per interval
                     dt = (time.perf_counter() - t_log) / iters_since_log
                     t_log, iters_since_log = time.perf_counter(), 0
@@ -643,7 +659,7 @@ def train(cfg:TrainConfig, # the settings of the run
                 it += 1
                 requested = stop.requested or 0
                 if dist.is_initialized():   # all ranks stop at the same step
-                    flag = torch.tensor([requested], device=device); dist.all_reduce(flag, op=dist.ReduceOp.MAX); requested = int(flag.item())
+                    flag = torch.tensor([requested]); dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctrl); requested = int(flag.item())
                 if requested:
                     stopped = requested
                     break
@@ -657,7 +673,8 @@ def train(cfg:TrainConfig, # the settings of the run
             say(f"Run already complete at iteration {it} (raise --max_iters to continue it)")
         else:
             # the iteration's regular evaluation first, so a run extended later has the same records as one run
-            if it % cfg.eval_interval == 0 and last_eval != it: evaluate(it)
+            # (recorded, not printed: the final evaluation just below reuses it and prints the same numbers)
+            if it % cfg.eval_interval == 0 and last_eval != it: evaluate(it, show=False)
             before_final = metrics.tell() if master else None
             say('-' * 80 + "\nFinal evaluation...")
             tl, vl, ppl = evaluate(it, prefix='final')

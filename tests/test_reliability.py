@@ -563,6 +563,21 @@ def test_skip_nonfinite_skips_then_stops(tmp_path, data, env):
         assert_states_identical(first['optimizer_state_dict']['state'], ck['optimizer_state_dict']['state'], f'optimizer at {it}')
     assert all(torch.isfinite(v).all() for v in first['model_state_dict'].values())
 
+def test_nonfinite_without_the_per_step_check_is_caught_before_saving(tmp_path, data, env):
+    # --no-check_finite: no device sync per step; the non-finite step is found at the next log line or checkpoint,
+    # and nothing trained after it is saved
+    d = tmp_path/'run'
+    p = run(_absurd(data, d, '--no-check_finite', '--checkpoint_interval', '4', '--log_interval', '1000', '--keep_last', '20'), env)
+    line = assert_clean_error(p, 2, 'non-finite', 'before iteration', 'last good checkpoint')
+    it = int(re.search(r'before iteration (\d+)', line).group(1))
+    assert it % 4 == 0 and checkpoints(d) and max(checkpoints(d)) == it - 4, (line, checkpoints(d))
+    for c in checkpoints(d):
+        ck = read_checkpoint(d/f'checkpoint_iter_{c}.pt')
+        assert all(torch.isfinite(v).all() for v in ck['model_state_dict'].values()), c
+    # and it cannot be combined with skipping, which needs the check before every update
+    p = run(_absurd(data, tmp_path/'b', '--no-check_finite', '--skip_nonfinite', '2'), env)
+    assert_clean_error(p, 2, '--skip_nonfinite needs the check before every update')
+
 # ----------------------------------------------------------------------------------------------- 9. security
 
 class _Payload:

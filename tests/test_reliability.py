@@ -564,16 +564,20 @@ def test_skip_nonfinite_skips_then_stops(tmp_path, data, env):
     assert all(torch.isfinite(v).all() for v in first['model_state_dict'].values())
 
 def test_nonfinite_without_the_per_step_check_is_caught_before_saving(tmp_path, data, env):
-    # --no-check_finite: no device sync per step; the non-finite step is found at the next log line or checkpoint,
-    # and nothing trained after it is saved
-    d = tmp_path/'run'
-    p = run(_absurd(data, d, '--no-check_finite', '--checkpoint_interval', '4', '--log_interval', '1000', '--keep_last', '20'), env)
-    line = assert_clean_error(p, 2, 'non-finite', 'before iteration', 'last good checkpoint')
-    it = int(re.search(r'before iteration (\d+)', line).group(1))
-    assert it % 4 == 0 and checkpoints(d) and max(checkpoints(d)) == it - 4, (line, checkpoints(d))
-    for c in checkpoints(d):
-        ck = read_checkpoint(d/f'checkpoint_iter_{c}.pt')
-        assert all(torch.isfinite(v).all() for v in ck['model_state_dict'].values()), c
+    # --no-check_finite: no device sync per step; a non-finite step is found at the next log line or checkpoint
+    # (here: a checkpoint every step), and nothing trained after it is saved
+    checked, unchecked = tmp_path/'checked', tmp_path/'unchecked'
+    line = assert_clean_error(run(_absurd(data, checked, '--keep_last', '100'), env), 2, 'non-finite')
+    bad = int(re.search(r'at iteration (\d+)', line).group(1))     # the per-step check: step `bad` was not taken
+    p = run(_absurd(data, unchecked, '--no-check_finite', '--log_interval', '1000', '--keep_last', '100'), env)
+    line = assert_clean_error(p, 2, 'non-finite', f'before iteration {bad + 1}', 'last good checkpoint')
+    assert str(unchecked/f'checkpoint_iter_{bad}.pt') in line, line
+    # step `bad` was taken (poisoning the weights), but the checkpoint after it was refused: the saved ones are the
+    # same as those of the run that checked every step
+    assert sorted(checkpoints(unchecked)) == sorted(checkpoints(checked)) == list(range(1, bad + 1))
+    for c in checkpoints(unchecked):
+        assert_states_identical(read_checkpoint(checked/f'checkpoint_iter_{c}.pt')['model_state_dict'],
+                                read_checkpoint(unchecked/f'checkpoint_iter_{c}.pt')['model_state_dict'], f'model at {c}')
     # and it cannot be combined with skipping, which needs the check before every update
     p = run(_absurd(data, tmp_path/'b', '--no-check_finite', '--skip_nonfinite', '2'), env)
     assert_clean_error(p, 2, '--skip_nonfinite needs the check before every update')

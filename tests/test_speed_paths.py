@@ -20,7 +20,7 @@ def losses(lm, d): return [v for _, v in lm.series(lm.read_metrics(Path(d)/'metr
 def eager_and_compiled(tmp_path_factory, corpus, lm):
     d = tmp_path_factory.mktemp('compile')
     data = ['--train_data_path', corpus.path('train', 'npy'), '--val_data_path', corpus.path('val', 'npy'), '--vocab_size', '256']
-    flags = data + lm.tiny_flags(max_iters=10, log_interval=1, eval_interval=10, checkpoint_interval=5)
+    flags = data + lm.tiny_flags(max_iters=20, log_interval=1, eval_interval=10, checkpoint_interval=10, lr=3e-3, min_lr=3e-4)
     eager = lm.run(*flags, '--checkpoint_dir', d/'eager', cwd=d).ok()
     compiled = lm.run(*flags, '--compile', '--checkpoint_dir', d/'compiled', cwd=d, timeout=900).ok()
     return d, eager, compiled, data, lm
@@ -32,35 +32,35 @@ def test_compiled_model_trains_the_same_numbers(eager_and_compiled):
     assert 'Compiled: no (the default on cpu)' in eager.stdout
     assert 'Compiled: yes' in compiled.stdout and 'default' not in compiled.stdout.split('Compiled: yes')[1].splitlines()[0]
     e, c = losses(lm, d/'eager'), losses(lm, d/'compiled')
-    assert len(e) == len(c) == 10
+    assert len(e) == len(c) == 20
     # the same model, data and seed: Inductor's fused kernels change the rounding, not the training
     for a, b in zip(e, c): assert abs(a - b) < 2e-3 * max(1, abs(a)), (e, c)
     assert c[-1] < c[0] - 0.5
     # the checkpoint holds the plain model's names (no `_orig_mod.` from the compiled wrapper) ...
-    ck = lm.load_checkpoint(d/'compiled'/'checkpoint_iter_10.pt')
+    ck = lm.load_checkpoint(d/'compiled'/'checkpoint_iter_20.pt')
     assert not [k for k in ck['model_state_dict'] if '_orig_mod' in k or 'module.' in k]
-    assert ck['model_state_dict'].keys() == lm.load_checkpoint(d/'eager'/'checkpoint_iter_10.pt')['model_state_dict'].keys()
+    assert ck['model_state_dict'].keys() == lm.load_checkpoint(d/'eager'/'checkpoint_iter_20.pt')['model_state_dict'].keys()
 
 
 @pytest.mark.slow
 def test_compiled_run_resumes_eager(eager_and_compiled):
     d, _, _, data, lm = eager_and_compiled
     # ... so it resumes without compiling, and ends where the eager run ends
-    r = lm.run('--resume_from', d/'compiled'/'checkpoint_iter_5.pt', '--no-compile', '--checkpoint_dir', d/'resumed', cwd=d).ok()
+    r = lm.run('--resume_from', d/'compiled'/'checkpoint_iter_10.pt', '--no-compile', '--checkpoint_dir', d/'resumed', cwd=d).ok()
     assert 'Resume: compile: True -> False' in r.stdout and 'Compiled: no' in r.stdout
-    a = lm.load_checkpoint(d/'resumed'/'checkpoint_iter_10.pt')['model_state_dict']
-    b = lm.load_checkpoint(d/'eager'/'checkpoint_iter_10.pt')['model_state_dict']
+    a = lm.load_checkpoint(d/'resumed'/'checkpoint_iter_20.pt')['model_state_dict']
+    b = lm.load_checkpoint(d/'eager'/'checkpoint_iter_20.pt')['model_state_dict']
     for k in a: torch.testing.assert_close(a[k], b[k], atol=2e-3, rtol=2e-2, msg=k)
 
 
 def test_bfloat16_autocast_trains_on_cpu(tmp_path, corpus, lm):
     data = ['--train_data_path', corpus.path('train', 'npy'), '--val_data_path', corpus.path('val', 'npy'), '--vocab_size', '256']
-    flags = data + lm.tiny_flags(max_iters=20, log_interval=1)
+    flags = data + lm.tiny_flags(max_iters=20, log_interval=1, lr=3e-3, min_lr=3e-4)
     bf = lm.run(*flags, '--dtype', 'bfloat16', '--checkpoint_dir', tmp_path/'bf16', cwd=tmp_path).ok()
     fp = lm.run(*flags, '--checkpoint_dir', tmp_path/'fp32', cwd=tmp_path).ok()
     assert 'Compute dtype: bfloat16' in bf.stdout and 'Compute dtype: float32' in fp.stdout   # auto is float32 on a CPU
     b, f = losses(lm, tmp_path/'bf16'), losses(lm, tmp_path/'fp32')
-    assert b[-1] < b[0] - 1.0
+    assert b[-1] < b[0] - 0.5
     # bfloat16 keeps 8 bits of mantissa: close to float32, and measurably not identical (autocast really ran)
     assert max(abs(x - y) for x, y in zip(b, f)) < 0.1 and b != f
     # the weights (and the checkpoint) stay float32: autocast changes the compute, not the parameters

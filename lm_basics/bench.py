@@ -14,7 +14,7 @@ from .core import LMBasicsError, cli_errors, resolve_device, CLIParser, add_func
 from .data import get_batch, save_tokens, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token
 from .optim import make_optimizer, clip_grad_norm
-from .train import autocast_context, peak_flops
+from .train import autocast_context, peak_flops, matmul_probe
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'bench_train_step', 'profile_train_step', 'bench_sampling',
@@ -54,12 +54,14 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
                      steps:int=5, # timed steps
                      warmup:int=2, # untimed steps first (compilation happens here)
                      device:str='cpu', # device to run on
-                     peak:float|None=None, # peak FLOP/s for MFU (default: peak_flops(device))
+                     peak:float|None=None, # peak FLOP/s for MFU (default: peak_flops(device); on a CPU, probed around the timed steps)
                     ) -> dict:
     "Time full training steps of one configuration; return tokens/sec, ms/step, MFU and peak memory."
     dev = resolve_device(device)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     model, step = _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device)
+    probe = peak is None and dev.type == 'cpu'   # a shared or throttled CPU changes speed: probe it next to the timed steps
+    if peak is None: peak = peak_flops(dev, dtype)[0]
     t = time.perf_counter()
     for _ in range(warmup): step()
     _sync(dev)
@@ -68,13 +70,13 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     for _ in range(steps): loss = step()
     loss.item(); _sync(dev)
     dt = (time.perf_counter() - t) / steps
+    if probe: peak = max(peak, matmul_probe())
     n = count_parameters(model)
-    peak = peak if peak is not None else peak_flops(dev, dtype)[0]
     tps = batch_size * context_length / dt
     mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
     return dict(compile=compile, dtype=dtype, loss_chunk=loss_chunk, tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
                 mfu=tps * flops_per_token(model.config, n['non_embedding']) / peak if peak else float('nan'),
-                peak_mem_mb=mem, params=n['total'])
+                peak_mem_mb=mem, params=n['total'], peak_flops=peak)
 
 # %% ../nbs/09_bench.ipynb #47792605
 MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_scaled_mm')
@@ -143,9 +145,10 @@ BENCH_FLAGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_hea
 MODES, DTYPES = ('eager', 'compiled'), ('float32', 'bfloat16', 'float16')
 
 def _table(rows:list[dict]) -> str:
-    head = "| variant | tokens/sec | ms/step | MFU | peak memory (MiB) | warm-up (s) |\n|---|---:|---:|---:|---:|---:|\n"
+    head = ("| variant | tokens/sec | ms/step | MFU | peak (GFLOP/s) | peak memory (MiB) | warm-up (s) |\n"
+            "|---|---:|---:|---:|---:|---:|---:|\n")
     return head + ''.join(f"| {'compiled' if r['compile'] else 'eager'} {r['dtype']} | {r['tokens_per_sec']:,.0f} | {r['ms_per_step']:.0f} | "
-                          f"{r['mfu'] * 100:.1f}% | {r['peak_mem_mb']:,.0f} | {r['warmup_s']:.1f} |\n" for r in rows)
+                          f"{r['mfu'] * 100:.1f}% | {r['peak_flops'] / 1e9:,.1f} | {r['peak_mem_mb']:,.0f} | {r['warmup_s']:.1f} |\n" for r in rows)
 
 def _profile_text(pr:dict, peak:float) -> str:
     s = pr['share']
@@ -185,17 +188,17 @@ def main(argv:list[str]|None=None):
     print(f"device {dev} | {torch.get_num_threads()} threads | peak {peak / 1e9:,.1f} GFLOP/s ({src}) | torch {torch.__version__}", flush=True)
     rows, profiles = [], []
     for mode, dtype in variants:
-        pk = peak if dtype == 'float32' or dev.type == 'cpu' else peak_flops(dev, dtype)[0]
+        pk = None if dev.type == 'cpu' else peak_flops(dev, dtype)[0]   # a CPU is probed inside each variant's process
         r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, peak=pk)
         rows.append(r); print(f"{mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  {r['ms_per_step']:7.0f} ms/step  "
-                              f"MFU {r['mfu'] * 100:5.1f}%  peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
+                              f"MFU {r['mfu'] * 100:5.1f}% of {r['peak_flops'] / 1e9:,.1f} GFLOP/s  peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
         if a['profile']:
             prof_cfg = {k: v for k, v in cfg.items() if k not in ('steps', 'warmup')}
             profiles.append(run_isolated('profile_train_step', **prof_cfg, compile=mode == 'compiled', dtype=dtype))
     s = bench_sampling(cfg['batch_size'], cfg['context_length'])
     text = (f"Configuration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} threads, peak {peak / 1e9:,.1f} GFLOP/s ({src}), torch {torch.__version__}\n\n"
             + _table(rows) + f"\nBatch sampling (get_batch from a 50M-token memmap): {s['batches_per_sec']:,.0f} batches/s, {s['tokens_per_sec']:,.0f} tokens/s\n"
-            + ''.join(_profile_text(pr, peak) for pr in profiles))
+            + ''.join(_profile_text(pr, r['peak_flops']) for pr, r in zip(profiles, rows)))
     print('\n' + text)
     try:
         Path(a['out'] + '.md').write_text(text)

@@ -186,8 +186,12 @@ def test_every_notebook_is_a_page(site, doms):
 
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_page_shows_title_api_and_figures(nb, doms):
+def test_page_shows_title_api_and_figures(nb, doms, site):
     dom = doms[build_docs.page_name(nb)]
+    for img in dom.select('main img'):   # pictures from files (the README's loss plot) are in the site
+        if not img['src'].startswith('data:'):
+            f = site/img['src']
+            assert f.is_file() and f.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f'{nb.name}: image {img["src"]} is not in the site'
     title, desc = build_docs.nb_title(nb)
     h1 = dom.select_one('main h1.title')
     assert h1 is not None and words(h1) == build_docs.plain(title)
@@ -274,3 +278,14 @@ def test_screenshots(browser, server, artifacts):
         data = png.read_bytes()
         assert data[:8] == b'\x89PNG\r\n\x1a\n' and struct.unpack('>II', data[16:24]) == (1280, 2000)
         assert len(data) > 30_000, f'{png} looks blank ({len(data)} bytes)'
+
+
+def test_quick_build_without_execute(tmp_path):
+    "`build_docs.py` without --execute (seconds, no outputs) renders every page too, with the README's picture."
+    out = tmp_path/'_site'
+    r = subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py'), '--out', str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f'{r.stdout[-3000:]}\n{r.stderr[-5000:]}'
+    assert sorted(p.name for p in out.glob('*.html')) == sorted(PAGES)
+    srcs = re.findall(r'<img[^>]*src="([^"]+)"', (out/'index.html').read_text())
+    assert 'images/demo_loss.png' in srcs and (out/'images'/'demo_loss.png').read_bytes()[:4] == b'\x89PNG'

@@ -455,6 +455,7 @@ def build(out:Path|str='_site', execute:bool=False, timeout:int=900, mathjax_url
     for name, text in pages.items(): (out/name).write_text(text, encoding='utf-8')
     (out/SITE_CSS).write_text(CSS, encoding='utf-8')
     if mathjax_src: copy_mathjax(mathjax_src, out)
+    if (nbs/'images').is_dir(): shutil.copytree(nbs/'images', out/'images')   # pictures the notebooks' markdown shows
     if verbose:
         print(f'wrote {len(pages)} pages to {out}' + ('' if execute else ' (not executed: add --execute for outputs and figures)'))
         print(f'math: MathJax from {mathjax_src} (copied into the site)' if mathjax_src else

@@ -1,16 +1,19 @@
 """Write README.md from nbs/index.ipynb (nbdev_readme needs Quarto, which is not available everywhere).
 
-The README is the index notebook's markdown cells, joined by blank lines. `tests/test_readme.py` checks the two agree.
+The README is the index notebook's markdown cells, joined by blank lines, with links and images to files beside the
+notebook (`images/...`, relative to nbs/) pointed into nbs/, since the README lives at the root. `tests/test_readme.py`
+checks the two agree.
 Usage: python tools/sync_readme.py [--check]
 """
-import json, sys
+import json, re, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 def render(nb_path=ROOT/'nbs'/'index.ipynb') -> str:
     cells = json.loads(Path(nb_path).read_text(encoding='utf-8'))['cells']
-    return '\n\n'.join(''.join(c['source']).strip() for c in cells if c['cell_type'] == 'markdown') + '\n'
+    text = '\n\n'.join(''.join(c['source']).strip() for c in cells if c['cell_type'] == 'markdown') + '\n'
+    return re.sub(r'\]\((images/[^)\s]+)\)', r'](nbs/\1)', text)
 
 if __name__ == '__main__':
     text, readme = render(), ROOT/'README.md'

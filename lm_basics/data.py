@@ -148,15 +148,19 @@ class BatchPrefetcher:
                  context_length:int, # T
                  device:str|torch.device, # where batches go
                  generator:torch.Generator, # CPU generator the start positions are drawn from (advanced as batches are fetched)
-                 rank:int=0, world_size:int=1): # as in `get_batch`
-        self.args = (data, batch_size, context_length, device, generator, rank, world_size)
-        self.generator, self.pending, self.state_before = generator, None, None
+                 rank:int=0, world_size:int=1, # as in `get_batch`
+                 accum:int=1): # micro-steps per optimizer step: their batches are slices of one draw
+        self.args = (data, batch_size, context_length, device)
+        self.generator, self.rank, self.world, self.accum = generator, rank, world_size, accum
+        self.pending, self.micro, self.step_state = None, 0, None   # micro: the micro-step the next fetch is for
 
     def prefetch(self):
         "Fetch the next batch now (once), while the device is busy with the current step."
-        if self.pending is None:
-            self.state_before = self.generator.get_state()
-            self.pending = get_batch(*self.args)
+        if self.pending is not None: return
+        if self.micro == 0: self.step_state = self.generator.get_state()   # a new step: a new draw
+        else: self.generator.set_state(self.step_state)                   # the same draw, the next slice
+        self.pending = get_batch(*self.args, self.generator, self.micro * self.world + self.rank, self.world * self.accum)
+        self.micro = (self.micro + 1) % self.accum
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         "The next `(x, y)`: the one fetched ahead, or a fresh one."
@@ -165,8 +169,8 @@ class BatchPrefetcher:
         return batch
 
     def generator_state(self) -> torch.Tensor:
-        "The generator's state as if no batch had been fetched ahead: what a checkpoint saves."
-        return self.state_before if self.pending is not None else self.generator.get_state()
+        "The generator's state at the start of the step not yet trained on (nothing fetched ahead): what a checkpoint saves."
+        return self.generator.get_state() if self.pending is None and self.micro == 0 else self.step_state
 
 # %% ../nbs/01_data.ipynb #3daf3d32
 def rss_mb() -> float:

@@ -481,7 +481,7 @@ def train(cfg:TrainConfig, # the settings of the run
     val_data = load_tokens(val_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"val data {val_path}")
     say(f"Train data size: {len(train_data):,} tokens")
     say(f"Validation data size: {len(val_data):,} tokens")
-    batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world)
+    batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world, cfg.gradient_accumulation_steps)
     if dist.is_initialized(): dist.barrier()   # every rank has checked everything before anything is written
 
     # -- model and optimizer

@@ -116,3 +116,22 @@ def test_bench_bad_input_is_one_clear_error(tmp_path, args, message):
     p = bench(*TINY_BENCH, *args, '--out', tmp_path/'res', cwd=tmp_path, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith('error: ') and message in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr + p.stdout and not (tmp_path/'res.md').exists()
+
+
+def test_gradient_accumulation_is_one_large_batch(tmp_path, corpus, lm):
+    # 4 micro-batches of 2 rows and one batch of 8 train on the same rows: the same losses and the same weights
+    data = ['--train_data_path', corpus.path('train', 'npy'), '--val_data_path', corpus.path('val', 'npy'), '--vocab_size', '256']
+    flags = data + lm.tiny_flags(max_iters=12, log_interval=1, eval_interval=6, checkpoint_interval=6, lr=3e-3, min_lr=3e-4)
+    acc = lm.run(*flags, '--batch_size', '2', '--gradient_accumulation_steps', '4', '--checkpoint_dir', tmp_path/'acc', cwd=tmp_path).ok()
+    lm.run(*flags, '--batch_size', '8', '--checkpoint_dir', tmp_path/'big', cwd=tmp_path).ok()
+    assert 'Tokens per iteration: 256' in acc.stdout   # 2 rows x 32 tokens x 4 micro-steps
+    a, b = losses(lm, tmp_path/'acc'), losses(lm, tmp_path/'big')
+    assert len(a) == len(b) == 12 and a[-1] < a[0] - 0.5
+    for x, y in zip(a, b): assert abs(x - y) < 1e-4, (a, b)
+    wa = lm.load_checkpoint(tmp_path/'acc'/'checkpoint_iter_12.pt')['model_state_dict']
+    wb = lm.load_checkpoint(tmp_path/'big'/'checkpoint_iter_12.pt')['model_state_dict']
+    for k in wa: torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+    # and a run resumed mid-way continues the same stream of rows
+    lm.run('--resume_from', tmp_path/'acc'/'checkpoint_iter_6.pt', '--checkpoint_dir', tmp_path/'res', cwd=tmp_path).ok()
+    wr = lm.load_checkpoint(tmp_path/'res'/'checkpoint_iter_12.pt')['model_state_dict']
+    for k in wa: torch.testing.assert_close(wr[k], wa[k], atol=0, rtol=0, msg=k)

@@ -26,8 +26,10 @@ def env(tmp_path_factory):
     return e
 
 
-def run(args, env, nproc=None, timeout=300):
-    cmd = ([str(BIN/'torchrun'), '--standalone', '--nproc_per_node', str(nproc), '-m', 'lm_basics.train'] if nproc
+def run(args, env, nproc=None, timeout=300, script=False):
+    "`lm_basics_train ARGS`, or under torchrun with `nproc` processes: `-m lm_basics.train`, or the console script itself."
+    target = [str(BIN/'lm_basics_train')] if script else ['-m', 'lm_basics.train']
+    cmd = ([str(BIN/'torchrun'), '--standalone', '--nproc_per_node', str(nproc), *target] if nproc
            else [str(BIN/'lm_basics_train')]) + [str(a) for a in args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)}\nSTDOUT\n{p.stdout[-3000:]}\nSTDERR\n{p.stderr[-3000:]}"
@@ -86,7 +88,8 @@ def test_ddp_resumes_under_ddp_and_across_process_counts(tmp_path, env):
 
 def test_ddp_gradient_accumulation_matches(tmp_path, env):
     run(TINY + ['--batch_size', '2', '--gradient_accumulation_steps', '2', '--checkpoint_dir', tmp_path/'acc'], env, nproc=2)
-    run(TINY + ['--batch_size', '4', '--checkpoint_dir', tmp_path/'ddp'], env, nproc=2)
+    out = run(TINY + ['--batch_size', '4', '--checkpoint_dir', tmp_path/'ddp'], env, nproc=2, script=True)   # the console script
+    assert 'Device: cpu x 2 processes' in out
     # 2 micro-batches of 2 per rank are slices of the same draw as 1 batch of 4 per rank: the same rows, the same training
     a, b = losses(tmp_path/'acc'), losses(tmp_path/'ddp')
     assert a[-1][1] < a[0][1] - 0.5 and [i for i, _ in a] == [i for i, _ in b]

@@ -59,7 +59,7 @@ class TrainConfig:
     grad_clip:float=1.0 # gradient clipping max norm (0 disables)
     loss_chunk:int=1024 # rows of logits the fused LM head + cross-entropy computes at a time (0: all at once)
     skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
-    check_finite:bool=True # check loss and gradient norm before every update (one device sync per step); off: at log intervals and before saving
+    check_finite:bool|None=None # check loss and gradient norm before every update, a device sync per step (default: on CPU, or with skip_nonfinite); off: at log intervals and before saving
     dtype:str='auto' # compute dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16 or float16
     compile:bool|None=None # compile the model with torch.compile (default: on for CUDA, off elsewhere)
     fsdp:bool=False # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
@@ -157,7 +157,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     need(cfg.sample_tokens >= 0, f"sample_tokens must be >= 0, got {cfg.sample_tokens}")
     need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     need(cfg.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {cfg.skip_nonfinite}")
-    need(cfg.check_finite or cfg.skip_nonfinite == 0, "--skip_nonfinite needs the check before every update: drop --no-check_finite")
+    need(cfg.check_finite is not False or cfg.skip_nonfinite == 0, "--skip_nonfinite needs the check before every update: drop --no-check_finite")
     need(cfg.d_model % cfg.num_heads == 0,
          f"num_heads ({cfg.num_heads}) must divide d_model ({cfg.d_model}); try --num_heads "
          f"{max(h for h in range(1, min(cfg.num_heads, cfg.d_model) + 1) if cfg.d_model % h == 0 and (cfg.d_model // h) % 2 == 0) if cfg.d_model % 2 == 0 else 1}")
@@ -570,9 +570,9 @@ def train(cfg:TrainConfig, # the settings of the run
         last_plot[:] = [time.time(), last_plot[1] or ok is None]
 
     def check_unchecked(it):
-        "With --no-check_finite: stop if any step since the last look was non-finite (the weights after it are poisoned)."
-        if cfg.check_finite or not unchecked.item(): return
-        raise LMBasicsError(f"non-finite loss or gradient norm in a step before iteration {it} (with --no-check_finite, steps are checked "
+        "Without the per-step check: stop if any step since the last look was non-finite (the weights after it are poisoned)."
+        if check_each or not unchecked.item(): return
+        raise LMBasicsError(f"non-finite loss or gradient norm in a step before iteration {it} (without --check_finite, steps are checked "
                             f"at log intervals and before saving); nothing after it was saved; last good checkpoint: "
                             f"{latest_checkpoint(ckpt_dir) or 'none'}; lower --lr, raise --warmup_iters or check the data, then resume")
 
@@ -599,7 +599,9 @@ def train(cfg:TrainConfig, # the settings of the run
         f"\nMax iterations: {cfg.max_iters}\nTokens per iteration: {tokens_per_iter:,}"
         f"\nPeak: {peak / 1e9:,.1f} GFLOP/s per process ({peak_src})\n" + '-' * 80)
     ctx = autocast_context(device, dtype)
-    unchecked = torch.zeros((), dtype=torch.bool, device=device)   # with --no-check_finite: a non-finite step since the last look
+    # finiteness: checked every step on the CPU (free there) or to skip bad steps; on a GPU, one device flag read at log lines
+    check_each = cfg.check_finite if cfg.check_finite is not None else (device.type == 'cpu' or cfg.skip_nonfinite > 0)
+    unchecked = torch.zeros((), dtype=torch.bool, device=device)   # without the per-step check: a non-finite step since the last look
     # the stop-signal vote runs on the CPU: over NCCL it would wait for the GPU at every step
     ctrl = dist.new_group(backend='gloo') if dist.is_initialized() and dist.get_backend() == 'nccl' else None
     model.train()
@@ -629,7 +631,7 @@ def train(cfg:TrainConfig, # the settings of the run
                 grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
                 if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()
                 finite = torch.isfinite(grad_norm if dist.is_initialized() else loss_sum + grad_norm)
-                if not cfg.check_finite: unchecked |= ~finite   # no sync: read at log intervals and before saving
+                if not check_each: unchecked |= ~finite   # no sync: read at log intervals and before saving
                 elif not scaler.is_enabled() and not finite:  # before the step touches the weights
                     skipped += 1
                     msg = f"non-finite loss {loss_sum.item()} / gradient norm {grad_norm.item()} at iteration {it}"

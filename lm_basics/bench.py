@@ -42,18 +42,18 @@ def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
 
 def bench_train_step(vocab_size:int=10000, # vocabulary size
-                     context_length:int=256, # T
+                     context_length:int=256, # tokens per row (T)
                      d_model:int=256, # model width
-                     num_layers:int=4, # blocks
+                     num_layers:int=4, # Transformer blocks
                      num_heads:int=4, # attention heads
                      d_ff:int|None=None, # feed-forward width (default: 8/3 d_model rounded to 8)
-                     batch_size:int=16, # B
+                     batch_size:int=16, # rows per step (B)
                      compile:bool=False, # torch.compile the model
                      loss_chunk:int=1024, # rows of logits at a time in the fused loss (0: all at once)
                      dtype:str='float32', # float32 or bfloat16 (autocast)
                      steps:int=5, # timed steps
                      warmup:int=2, # untimed steps first (compilation happens here)
-                     device:str='cpu', # device to run on
+                     device:str='cpu', # device to run on: cpu, cuda, cuda:N or mps
                      peak:float|None=None, # peak FLOP/s for MFU (default: peak_flops(device); on a CPU, probed around the timed steps)
                     ) -> dict:
     "Time full training steps of one configuration; return tokens/sec, ms/step, MFU and peak memory."

@@ -142,3 +142,20 @@ def test_ranks_preparing_the_builtin_dataset_at_once_all_succeed(tmp_path):
             assert json.loads((root/'shakespeare_bytes'/'meta.json').read_text())['vocab_size'] == 256
             assert len(load_tokens(results[0][0], 256, 32)) > 4_000_000
             assert not [p for p in (root/'shakespeare_bytes').iterdir() if '.tmp' in p.name]   # no leftovers
+
+
+def test_two_nodes_through_rendezvous(tmp_path, env):
+    # the README's two-machine command, with both "machines" on this one: two torchrun launchers, one process each,
+    # meeting through the c10d rendezvous; together they train exactly as two processes of one launcher do
+    import socket
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    args = [str(a) for a in TINY + ['--batch_size', '4', '--checkpoint_dir', tmp_path/'nodes']]
+    launch = [str(BIN/'torchrun'), '--nnodes', '2', '--nproc_per_node', '1', '--rdzv_backend', 'c10d',
+              '--rdzv_endpoint', f'127.0.0.1:{port}', '--rdzv_id', 'lm_basics_test', '-m', 'lm_basics.train', *args]
+    nodes = [subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    for p, (o, e) in zip(nodes, outs): assert p.returncode == 0, f"STDOUT\n{o[-3000:]}\nSTDERR\n{e[-3000:]}"
+    assert sum('Device: cpu x 2 processes' in o for o, _ in outs) == 1   # rank 0 alone logs, on whichever node it is
+    run(TINY + ['--batch_size', '4', '--checkpoint_dir', tmp_path/'one_node'], env, nproc=2)
+    assert losses(tmp_path/'nodes') == losses(tmp_path/'one_node')
+    assert_close_weights(weights(tmp_path/'nodes'/'checkpoint_iter_12.pt'), weights(tmp_path/'one_node'/'checkpoint_iter_12.pt'), atol=0)

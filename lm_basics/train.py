@@ -23,8 +23,8 @@ from .checkpoint import (save_checkpoint, read_checkpoint, load_checkpoint, chec
 # %% auto #0
 __all__ = ['ALIASES', 'FIELDS', 'HELP', 'TYPES', 'GPU_PEAK_TFLOPS', 'TrainConfig', 'coerce', 'validate', 'canonical_name',
            'load_config_file', 'build_parser', 'parse_config', 'merge_resumed_config', 'resolve_dtype',
-           'resolve_compile', 'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics', 'print_config',
-           'StopSignal', 'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
+           'resolve_accumulation', 'resolve_compile', 'autocast_context', 'estimate_loss', 'MetricsLog', 'read_metrics',
+           'print_config', 'StopSignal', 'matmul_probe', 'peak_flops', 'setup_distributed', 'train', 'main']
 
 # %% ../nbs/05_train.ipynb #48597667
 @dataclass
@@ -54,6 +54,7 @@ class TrainConfig:
     # training
     batch_size:int=64 # sequences per optimizer step (per micro-step with accumulation)
     gradient_accumulation_steps:int=1 # micro-batches accumulated into one optimizer step
+    total_batch_size:int|None=None # tokens per optimizer step over all processes; sets gradient_accumulation_steps to fit
     max_iters:int=100000 # maximum number of training iterations
     warmup_iters:int=2000 # number of warmup iterations
     grad_clip:float=1.0 # gradient clipping max norm (0 disables)
@@ -157,6 +158,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     need(cfg.sample_tokens >= 0, f"sample_tokens must be >= 0, got {cfg.sample_tokens}")
     need(cfg.loss_chunk >= 0, f"loss_chunk must be >= 0, got {cfg.loss_chunk}")
     need(cfg.skip_nonfinite >= 0, f"skip_nonfinite must be >= 0, got {cfg.skip_nonfinite}")
+    need(cfg.total_batch_size is None or cfg.total_batch_size >= 1, f"total_batch_size must be a positive number of tokens, got {cfg.total_batch_size}")
     need(cfg.check_finite is not False or cfg.skip_nonfinite == 0, "--skip_nonfinite needs the check before every update: drop --no-check_finite")
     need(cfg.d_model % cfg.num_heads == 0,
          f"num_heads ({cfg.num_heads}) must divide d_model ({cfg.d_model}); try --num_heads "
@@ -263,6 +265,24 @@ def resolve_dtype(dtype:str, device:torch.device) -> str:
     "The compute dtype `auto` stands for: bfloat16 on a GPU that supports it, float32 elsewhere."
     if dtype != 'auto': return dtype
     return 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+
+def resolve_accumulation(cfg:TrainConfig, # the run's settings
+                         world_size:int=1, # processes sharing each step
+                         explicit:set[str]=frozenset(), # settings given explicitly
+                        ) -> int:
+    "Micro-steps per optimizer step: `gradient_accumulation_steps`, or what `total_batch_size` tokens take."
+    if cfg.total_batch_size is None: return cfg.gradient_accumulation_steps
+    per = cfg.batch_size * cfg.context_length * world_size
+    if cfg.total_batch_size % per:
+        ok = [b for b in range(cfg.batch_size, 0, -1) if cfg.total_batch_size % (b * cfg.context_length * world_size) == 0]
+        raise LMBasicsError(f"total_batch_size {cfg.total_batch_size:,} tokens is not a multiple of batch_size × context_length × processes "
+                            f"= {cfg.batch_size} × {cfg.context_length} × {world_size} = {per:,}; "
+                            + (f"use --batch_size {ok[0]}" if ok else "change --total_batch_size or --context_length"))
+    accum = cfg.total_batch_size // per
+    if 'gradient_accumulation_steps' in explicit and cfg.gradient_accumulation_steps not in (1, accum):
+        raise LMBasicsError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} contradicts --total_batch_size "
+                            f"{cfg.total_batch_size:,}, which needs {accum} here; give one of them")
+    return accum
 
 def resolve_compile(compile:bool|None, device:torch.device) -> bool:
     "Whether to `torch.compile` the model: as asked, or when unset, on CUDA only."
@@ -467,6 +487,10 @@ def train(cfg:TrainConfig, # the settings of the run
         raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {device.type}); use --dtype bfloat16 or float32")
     if cfg.fsdp and world == 1 and not dist.is_initialized():
         raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m lm_basics.train ...")
+    if (accum := resolve_accumulation(cfg, world, explicit)) != cfg.gradient_accumulation_steps:
+        say(f"total_batch_size {cfg.total_batch_size:,} = {accum} micro-steps x batch_size {cfg.batch_size} x context_length "
+            f"{cfg.context_length} x {world} process(es): gradient_accumulation_steps {cfg.gradient_accumulation_steps} -> {accum}")
+        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=accum)
 
     # -- seeds: the global generators, and the batch sampler's own (one stream per rank)
     random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)

@@ -159,3 +159,12 @@ def test_two_nodes_through_rendezvous(tmp_path, env):
     run(TINY + ['--batch_size', '4', '--checkpoint_dir', tmp_path/'one_node'], env, nproc=2)
     assert losses(tmp_path/'nodes') == losses(tmp_path/'one_node')
     assert_close_weights(weights(tmp_path/'nodes'/'checkpoint_iter_12.pt'), weights(tmp_path/'one_node'/'checkpoint_iter_12.pt'), atol=0)
+
+
+def test_total_batch_size_keeps_the_step_across_process_counts(tmp_path, env):
+    # 2 processes x batch 4 x 32 tokens = 256 tokens per step; resumed in one process, the same 256 take 2 micro-steps,
+    # which slice the same draw of rows: the run ends where the 2-process run ends, with no batch flag given
+    run(TINY + ['--batch_size', '4', '--total_batch_size', '256', '--checkpoint_dir', tmp_path/'ddp'], env, nproc=2)
+    out = run(['--resume_from', tmp_path/'ddp'/'checkpoint_iter_6.pt', '--checkpoint_dir', tmp_path/'one'], env)
+    assert 'gradient_accumulation_steps 1 -> 2' in out and 'Tokens per iteration: 256' in out
+    assert_close_weights(weights(tmp_path/'ddp'/'checkpoint_iter_12.pt'), weights(tmp_path/'one'/'checkpoint_iter_12.pt'))

@@ -131,6 +131,13 @@ def test_gradient_accumulation_is_one_large_batch(tmp_path, corpus, lm):
     wa = lm.load_checkpoint(tmp_path/'acc'/'checkpoint_iter_12.pt')['model_state_dict']
     wb = lm.load_checkpoint(tmp_path/'big'/'checkpoint_iter_12.pt')['model_state_dict']
     for k in wa: torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+    # --total_batch_size (tokens per step) picks the accumulation itself: 256 tokens = 4 micro-steps of 2 rows x 32 tokens
+    tot = lm.run(*flags, '--batch_size', '2', '--total_batch_size', '256', '--checkpoint_dir', tmp_path/'tot', cwd=tmp_path).ok()
+    assert 'gradient_accumulation_steps 1 -> 4' in tot.stdout and 'Tokens per iteration: 256' in tot.stdout
+    assert losses(lm, tmp_path/'tot') == a
+    bad = lm.run(*flags, '--batch_size', '3', '--total_batch_size', '256', '--checkpoint_dir', tmp_path/'bad', cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith('error: total_batch_size 256 tokens is not a multiple') and 'use --batch_size 2' in bad.stderr
+    assert 'Traceback' not in bad.stderr and not (tmp_path/'bad').exists()
     # and a run resumed mid-way continues the same stream of rows
     lm.run('--resume_from', tmp_path/'acc'/'checkpoint_iter_6.pt', '--checkpoint_dir', tmp_path/'res', cwd=tmp_path).ok()
     wr = lm.load_checkpoint(tmp_path/'res'/'checkpoint_iter_12.pt')['model_state_dict']

@@ -102,9 +102,12 @@ def profile_train_step(steps:int=2, # profiled steps
         for _ in range(steps): step()
         _sync(cfg['device'])
     dev_time = 'self_device_time_total' if acts[-1] != ProfilerActivity.CPU else 'self_cpu_time_total'
-    ops = [dict(op=e.key, ms=getattr(e, dev_time) / 1e3 / steps, calls=e.count // steps, flops=e.flops / steps, kind=_kind(e.key))
-           for e in prof.key_averages()]
-    ops = sorted([o for o in ops if o['ms'] > 0], key=lambda o: -o['ms'])
+    merged = {}
+    for e in prof.key_averages():   # Inductor names each compiled graph by a hash: one row for all of them
+        name = 'Inductor compiled graphs (fused kernels)' if e.key.startswith('## Call CompiledFxGraph') else e.key
+        o = merged.setdefault(name, dict(op=name, ms=0.0, calls=0, flops=0.0, kind=_kind(name)))
+        o['ms'] += getattr(e, dev_time) / 1e3 / steps; o['calls'] += e.count // steps; o['flops'] += e.flops / steps
+    ops = sorted([o for o in merged.values() if o['ms'] > 0], key=lambda o: -o['ms'])
     total = sum(o['ms'] for o in ops)
     share = {k: sum(o['ms'] for o in ops if o['kind'] == k) / total for k in ('matmul', 'attention', 'other')}
     mm_ms, mm_flops = sum(o['ms'] for o in ops if o['kind'] == 'matmul'), sum(o['flops'] for o in ops if o['kind'] == 'matmul')

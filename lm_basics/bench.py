@@ -5,6 +5,7 @@
 # %% ../nbs/09_bench.ipynb #7bfd7b5d
 from __future__ import annotations
 import inspect, json, os, subprocess, sys, time, tempfile
+from dataclasses import asdict
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from .core import LMBasicsError, cli_errors, resolve_device, CLIParser, add_func
 from .data import get_batch, save_tokens, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token
 from .optim import make_optimizer, clip_grad_norm
-from .train import autocast_context, peak_flops, matmul_probe
+from .train import autocast_context, peak_flops, matmul_probe, TrainConfig, load_config_file
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'bench_train_step', 'profile_train_step', 'bench_sampling',
@@ -183,8 +184,13 @@ def main(argv:list[str]|None=None):
                    help='comma-separated MODE:DTYPE, MODE eager|compiled, DTYPE float32|bfloat16|float16 (default: all four CPU ones)')
     p.add_argument('--profile', action='store_true', help='also profile one step of each variant and list its top operators')
     p.add_argument('--out', default='bench_results', help='results go to OUT.md and OUT.json (default: bench_results)')
+    p.add_argument('--config', metavar='FILE.json', help="benchmark the model and batch of this training config (flags given here override it)")
     a = vars(p.parse_args(argv))
     cfg = {k: a[k] for k in BENCH_FLAGS}
+    if a['config']:   # what lm_basics_train would build from the file: its settings, then the trainer's defaults
+        train_cfg, given = asdict(TrainConfig(**load_config_file(a['config']))), argv if argv is not None else sys.argv[1:]
+        for k in BENCH_FLAGS:
+            if k in train_cfg and not any(x == f'--{k}' or x.startswith(f'--{k}=') for x in given): cfg[k] = train_cfg[k]
     dev = resolve_device(cfg['device'])
     variants = _variants(a['variants'], dev)
     peak, src = peak_flops(dev, 'float32')

@@ -105,11 +105,24 @@ def test_bench_writes_its_table_and_profile(tmp_path):
     assert '`aten::mm`' in md or '`aten::addmm`' in md
 
 
+def test_bench_takes_a_training_config(tmp_path):
+    "`--config` benchmarks what lm_basics_train would build from the file; flags given beside it win."
+    cfg = Path(__file__).resolve().parents[1]/'configs'/'demo.json'
+    p = bench('--config', cfg, '--variants', 'eager:float32', '--steps', '1', '--warmup', '1', '--batch_size', '4',
+              '--out', tmp_path/'res', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    got, demo = json.loads((tmp_path/'res.json').read_text())['config'], json.loads(cfg.read_text())
+    assert {k: got[k] for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'device')} == \
+           {k: demo[k] for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'device')}
+    assert got['batch_size'] == 4 and demo['batch_size'] != 4
+
+
 @pytest.mark.parametrize('args,message', [
     (['--variants', 'fast:float32'], "--variants: 'fast:float32' is not MODE:DTYPE"),
     (['--variants', 'eager:float16'], '--variants: eager:float16 needs a CUDA GPU'),
     (['--d_model', 'wide'], "argument --d_model: invalid int value: 'wide'"),
     (['--device', 'cuda'], 'no CUDA GPU'),
+    (['--config', 'missing.json'], 'config file not found: missing.json'),
 ])
 def test_bench_bad_input_is_one_clear_error(tmp_path, args, message):
     if args == ['--device', 'cuda'] and torch.cuda.is_available(): pytest.skip('this machine has a GPU')

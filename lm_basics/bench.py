@@ -4,15 +4,14 @@
 
 # %% ../nbs/09_bench.ipynb #7bfd7b5d
 from __future__ import annotations
-import inspect, json, os, subprocess, sys, time, tempfile
+import inspect, json, subprocess, sys, time, tempfile
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastcore.meta import delegates
 from .core import LMBasicsError, cli_errors, resolve_device, CLIParser, add_func_args
-from .data import get_batch, save_tokens, open_tokens, peak_rss_mb
+from .data import get_batch, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token
 from .optim import make_optimizer, clip_grad_norm
 from .train import autocast_context, peak_flops, matmul_probe, TrainConfig, load_config_file
@@ -27,6 +26,7 @@ def _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff
     dev = resolve_device(device)
     d_ff = d_ff or int(8 * d_model / 3 + 7) // 8 * 8
     torch.manual_seed(0)
+    if dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the trainer does
     model = TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff).to(dev)
     opt = make_optimizer(model, device_type=dev.type)
     fwd = torch.compile(model) if compile else model
@@ -197,8 +197,7 @@ def main(argv:list[str]|None=None):
     print(f"device {dev} | {torch.get_num_threads()} threads | peak {peak / 1e9:,.1f} GFLOP/s ({src}) | torch {torch.__version__}", flush=True)
     rows, profiles = [], []
     for mode, dtype in variants:
-        pk = None if dev.type == 'cpu' else peak_flops(dev, dtype)[0]   # a CPU is probed inside each variant's process
-        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, peak=pk)
+        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype)   # its own peak: probe or datasheet
         rows.append(r); print(f"{mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  {r['ms_per_step']:7.0f} ms/step  "
                               f"MFU {r['mfu'] * 100:5.1f}% of {r['peak_flops'] / 1e9:,.1f} GFLOP/s  peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
         if a['profile']:

@@ -26,7 +26,7 @@ def checkpoint_path(checkpoint_dir:str|Path, iteration:int) -> Path:
     return Path(checkpoint_dir)/f'checkpoint_iter_{iteration}.pt'
 
 def unwrap_model(model:nn.Module) -> nn.Module:
-    "The plain model inside `torch.compile` (`_orig_mod`) and DDP/FSDP-style (`module`) wrappers."
+    "The plain model inside `torch.compile` (`_orig_mod`) and `DistributedDataParallel` (`module`) wrappers (FSDP2 wraps nothing)."
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module

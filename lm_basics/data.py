@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #941402f8
 from __future__ import annotations
-import json, mmap, os, sys, hashlib
+import json, mmap, os, sys
 from pathlib import Path
 import numpy as np
 import torch
@@ -135,9 +135,10 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
     idx = starts[:, None] + np.arange(context_length + 1)    # (B, T+1)
     buf = torch.from_numpy(np.asarray(data[idx]).astype(np.int64))  # (B, T+1)
     release_pages(data)
+    if device.type == 'cuda':   # one pinned copy and one non-blocking transfer of the B × (T+1) ids; x and y are views of it
+        buf = buf.pin_memory().to(device, non_blocking=True)
+        return buf[:, :-1], buf[:, 1:]
     x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
-    if device.type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 # %% ../nbs/01_data.ipynb #9ff4775c

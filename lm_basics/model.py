@@ -157,22 +157,25 @@ class TransformerLM(nn.Module):
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     "Mean cross-entropy of `h @ weight.T` against `targets`, computed (with its gradients) a chunk of rows at a time."
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):  # h (N, d), weight (V, d), targets (N,)
+    def forward(ctx, h, weight, targets, chunk, grad_enabled):  # h (N, d), weight (V, d), targets (N,)
         N = h.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # `needs_input_grad` stays True under torch.no_grad (evaluation): the caller's grad mode says whether to compute gradients
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        dev = weight.device.type   # autocast stays on in here: cast the weight to its dtype once, not in every chunk's matmuls
+        w = weight.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, N, chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            z = (hc @ weight.t()).float()                              # (n, V)
+            z = (hc @ w.t()).float()                                   # (n, V)
             logp = torch.log_softmax(z, dim=-1); del z                 # one fused pass over the logits
             total -= logp.gather(1, tc[:, None]).sum()
             if need_h or need_w:
                 g = logp.exp_()                                        # softmax, in place of the log-probabilities
                 g[torch.arange(len(tc), device=g.device), tc] -= 1.0
                 g = g.div_(N).to(h.dtype)                              # dL/dz for these rows
-                if need_h: grad_h[s:s + chunk] = g @ weight.to(h.dtype)   # (n, d)
+                if need_h: grad_h[s:s + chunk] = g @ w                    # (n, d)
                 if need_w: grad_w += (g.t() @ hc).float()              # (V, d)
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.w_dtype = weight.dtype
@@ -182,7 +185,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None, None, None)
+                (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None, None, None, None)
 
 def chunked_cross_entropy(h, # (N, d) final hidden states
                           weight, # (V, d) LM-head matrix
@@ -190,7 +193,7 @@ def chunked_cross_entropy(h, # (N, d) final hidden states
                           chunk:int=4096, # rows of logits alive at once
                          ):
     "Mean cross-entropy of the logits `h @ weight.T`, never holding more than `chunk` rows of them."
-    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk)
+    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())
 
 # %% ../nbs/02_model.ipynb #c729b8d1
 def count_parameters(model:nn.Module) -> dict:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_plot.ipynb #6df12d31
 from __future__ import annotations
-import argparse, json, math, os, sys, warnings
+import json, math, os, warnings
 from pathlib import Path
 from matplotlib.figure import Figure
 from .core import LMBasicsError, cli_errors, CLIParser

@@ -4,12 +4,11 @@
 
 # %% ../nbs/06_tokenize.ipynb #b2af917d
 from __future__ import annotations
-import argparse, codecs, glob, hashlib, json, math, os, re, shutil, sys, time, typing
+import codecs, glob, hashlib, json, math, os, re, shutil, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
-from fastcore.docments import docments
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from .core import LMBasicsError, cli_errors, CLIParser, add_func_args
 from .data import open_tokens, shakespeare_plays, peak_rss_mb
@@ -275,7 +274,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
     try:
         # -- scan: validate, hash and count documents
         sources, total = [], sum(f.stat().st_size for f in files)
-        n_docs, last_len, text_chars = 0, 0, 0
+        n_docs, last_len = 0, 0
         with _bar(total, 'scan', progress) as bar:
             for f in files:
                 h, size = hashlib.sha256(), 0
@@ -284,7 +283,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
                     h.update(b); size += len(b); bar.update(len(b))
                 doc_len = 0
                 for text, end in iter_pieces([f], piece_chars, on_bytes):
-                    doc_len += len(text); text_chars += len(text)
+                    doc_len += len(text)
                     if end: n_docs += 1; last_len, doc_len = doc_len, 0
                 sources.append(dict(path=str(f.resolve()), bytes=size, sha256=h.hexdigest()))
         if n_docs == 0: raise LMBasicsError(f"the input holds no text (only whitespace and separators): {', '.join(map(str, files[:3]))}; check the inputs")
@@ -394,7 +393,7 @@ PREPARE_FLAGS = ('out', 'vocab_size', 'special_tokens', 'tokenizer', 'val_fracti
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_prepare`."
-    p = CLIParser(prog='lm_basics_prepare', allow_abbrev=False,
+    p = CLIParser(prog='lm_basics_prepare',
                   description="Train a byte-level BPE tokenizer on text files (or reuse one) and write train.npy, val.npy, "
                               "tokenizer.json and meta.json for lm_basics_train. Documents inside a file are separated by <|endoftext|>.")
     add_func_args(p, prepare, ['inputs'] + list(PREPARE_FLAGS), positional=('inputs',))

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from fastcore.docments import docments
 from .core import LMBasicsError, cli_errors, resolve_device, CLIParser
 from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS

@@ -695,8 +695,7 @@ def bad_input_results(tmp_path_factory, data, reference, env) -> dict:
         return cid, (p, before, snapshot(d, data['dir']))
     return dict(in_parallel(one, BAD_INPUTS, workers=3))
 
-@pytest.mark.parametrize('case', [pytest.param(c, id=c[0], marks=[pytest.mark.xfail(strict=True, reason=c[4]['xfail'])] if 'xfail' in c[4] else [])
-                                  for c in BAD_INPUTS])
+@pytest.mark.parametrize('case', [pytest.param(c, id=c[0]) for c in BAD_INPUTS])
 def test_bad_input_is_answered(bad_input_results, case):
     "Non-zero exit, one stderr line starting with 'error:' that names the problem, no traceback, files untouched."
     cid, what, _, needles, opts = case

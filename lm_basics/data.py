@@ -12,9 +12,10 @@ from .core import LMBasicsError, resolve_device, cache_dir
 
 # %% auto #0
 __all__ = ['INT_DTYPES', 'BUILTIN_DATASETS', 'open_tokens', 'save_tokens', 'release_pages', 'check_token_ids', 'load_tokens',
-           'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
+           'DataChanged', 'check_unchanged', 'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb',
+           'shakespeare_plays', 'builtin_dataset']
 
-# %% ../nbs/01_data.ipynb #01865987
+# %% ../nbs/01_data.ipynb #3e576d4c
 INT_DTYPES = ('uint8', 'uint16', 'uint32', 'uint64', 'int16', 'int32', 'int64')
 
 def _int_dtype(dtype) -> np.dtype:
@@ -24,6 +25,11 @@ def _int_dtype(dtype) -> np.dtype:
     if dt is None or not np.issubdtype(dt, np.integer):
         raise LMBasicsError(f"data dtype {dtype!r} is not an integer type: use one of {', '.join(INT_DTYPES)} (--data_dtype)")
     return dt
+
+def _stamp(p:Path) -> tuple:
+    "The identity of a file: its path, device, inode, size and modification time."
+    st = p.stat()
+    return str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 def open_tokens(path:str|Path, # a `.npy` file, or a raw `.bin`/`.ids` file of `dtype`
                 dtype:str='uint16', # element type of raw files (`.npy` files carry their own)
@@ -49,6 +55,7 @@ def open_tokens(path:str|Path, # a `.npy` file, or a raw `.bin`/`.ids` file of `
                                 f"is --data_dtype right, or is the file truncated?")
         data = np.memmap(p, dtype=dt, mode='r')
     if len(data) == 0: raise LMBasicsError(f"token file {p} is empty; prepare it again")
+    data.stamp = _stamp(p)   # what the file was when mapped: see `check_unchanged`
     return data
 
 # %% ../nbs/01_data.ipynb #42758ae6
@@ -118,7 +125,24 @@ def load_tokens(path:str|Path, # token file (`.npy`, `.bin`, `.ids`)
     check_token_ids(data, vocab_size, name=name)
     return data
 
-# %% ../nbs/01_data.ipynb #a004ffd5
+# %% ../nbs/01_data.ipynb #210e313c
+class DataChanged(LMBasicsError):
+    "A token file changed (truncated, rewritten or replaced) while a run was using it."
+
+def check_unchanged(data:np.ndarray):
+    "Raise `DataChanged` if the file behind an array from `open_tokens` is no longer what was mapped."
+    stamp = getattr(data, 'stamp', None)
+    if stamp is None: return
+    path = Path(stamp[0])
+    try: now = _stamp(path)
+    except OSError: now = None
+    if now != stamp:
+        what = 'was removed' if now is None else (f"changed size ({stamp[3]:,} -> {now[3]:,} bytes)" if now[3] != stamp[3] else
+                                                  'was replaced or rewritten')
+        raise DataChanged(f"token file {path} {what} while the run was using it; put the file back as it was (or prepare the data "
+                          f"into a new directory), then continue with --resume auto")
+
+# %% ../nbs/01_data.ipynb #39b44d6a
 def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
               batch_size:int, # B, rows in the batch
               context_length:int, # T, tokens per row
@@ -128,6 +152,7 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
               world_size:int=1, # number of processes sharing the global batch of `world_size*B` rows
              ) -> tuple[torch.Tensor, torch.Tensor]:
     "Sample `(x, y)`, each `(B, T)` int64, with `y` the next token after each position of `x`."
+    check_unchanged(data)   # before touching the file: a truncated file's pages would kill the process (SIGBUS)
     n = len(data) - context_length
     if n < 1: raise LMBasicsError(f"data holds {len(data)} tokens, too few for context_length {context_length}")
     if not isinstance(device, torch.device): device = resolve_device(device)
@@ -141,7 +166,7 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
     x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
     return x.to(device), y.to(device)
 
-# %% ../nbs/01_data.ipynb #9ff4775c
+# %% ../nbs/01_data.ipynb #4e38f469
 class BatchPrefetcher:
     "Batches from `get_batch`, fetched one ahead, so that the next batch's gather and host→device copy overlap the current step."
     def __init__(self, data:np.ndarray, # 1-D token array (usually a memmap)
@@ -153,19 +178,21 @@ class BatchPrefetcher:
                  accum:int=1): # micro-steps per optimizer step: their batches are slices of one draw
         self.args = (data, batch_size, context_length, device)
         self.generator, self.rank, self.world, self.accum = generator, rank, world_size, accum
-        self.pending, self.micro, self.step_state = None, 0, None   # micro: the micro-step the next fetch is for
+        self.pending, self.micro, self.step_state, self.error = None, 0, None, None   # micro: the micro-step the next fetch is for
 
     def prefetch(self):
         "Fetch the next batch now (once), while the device is busy with the current step."
-        if self.pending is not None: return
+        if self.pending is not None or self.error is not None: return
         if self.micro == 0: self.step_state = self.generator.get_state()   # a new step: a new draw
         else: self.generator.set_state(self.step_state)                   # the same draw, the next slice
-        self.pending = get_batch(*self.args, self.generator, self.micro * self.world + self.rank, self.world * self.accum)
+        try: self.pending = get_batch(*self.args, self.generator, self.micro * self.world + self.rank, self.world * self.accum)
+        except DataChanged as e: self.error = e; return   # raised by `next`: the step in flight still completes
         self.micro = (self.micro + 1) % self.accum
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         "The next `(x, y)`: the one fetched ahead, or a fresh one."
         self.prefetch()
+        if self.error is not None: raise self.error
         batch, self.pending = self.pending, None
         return batch
 

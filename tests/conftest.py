@@ -97,6 +97,55 @@ def make_workspace(ws:Path, corpus:Corpus) -> Path:
 def workspace(tmp_path, corpus) -> Path: return make_workspace(tmp_path/'ws', corpus)
 
 
+# ---------------------------------------------------------------------------------------------------- missing tools
+def in_ci() -> bool:
+    "`.ci/run` exports LM_BASICS_CI=1: there every tool a test needs was installed, so a missing one is a failure."
+    return os.environ.get('LM_BASICS_CI') == '1'
+
+def missing_tool(reason:str):
+    "A test cannot run here for want of a tool (npm, chromium, setpriv, root for a tmpfs mount): skip it, or fail in CI."
+    if in_ci(): pytest.fail(f"{reason} (LM_BASICS_CI=1: .ci/run installs every tool the suite needs, so this is a failure)")
+    pytest.skip(reason)
+
+# Root ignores file permissions (CAP_DAC_OVERRIDE), so a command that must meet an unreadable file or a read-only directory
+# runs with those capabilities dropped from its bounding set: `setpriv` does it before exec; without setpriv, the child
+# calls prctl(PR_CAPBSET_DROP) itself (a preexec function).
+IS_ROOT = hasattr(os, 'geteuid') and os.geteuid() == 0
+SETPRIV = shutil.which('setpriv')
+
+def _drop_file_capabilities():
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH; PR_CAPBSET_DROP = 24
+        if prctl(24, cap, 0, 0, 0) != 0: os._exit(97)
+
+def drop_file_permissions() -> tuple[list, object]:
+    "The command prefix and preexec function that make a command subject to file permissions, even as root."
+    if not IS_ROOT: return [], None
+    if SETPRIV: return [SETPRIV, '--bounding-set', '-dac_override,-dac_read_search', '--'], None
+    return [], _drop_file_capabilities
+
+_can_drop = None
+def can_drop_file_permissions() -> bool:
+    "Does `drop_file_permissions()` make a read-only directory unwritable here? (Always, when not root.)"
+    global _can_drop
+    if _can_drop is None:
+        import tempfile
+        with tempfile.TemporaryDirectory() as t:
+            ro = Path(t)/'ro'; ro.mkdir(); ro.chmod(0o555)
+            prefix, pre = drop_file_permissions()
+            try: wrote = subprocess.run([*prefix, 'sh', '-c', f'touch "{ro}/x" 2>/dev/null'], preexec_fn=pre).returncode == 0
+            except OSError: wrote = True
+            ro.chmod(0o755)
+        _can_drop = not wrote
+    return _can_drop
+
+def need_unprivileged():
+    "Make sure a command can be run subject to file permissions, else skip (fail in CI)."
+    if not can_drop_file_permissions():
+        missing_tool("running as root without a way to drop CAP_DAC_OVERRIDE (util-linux setpriv), so file permissions cannot be tested")
+
+
 # ---------------------------------------------------------------------------------------------------- running the CLI
 @dataclass(repr=False)
 class Run:
@@ -114,15 +163,84 @@ class Run:
         assert self.returncode == 0, self
         assert 'Traceback' not in self.stdout + self.stderr, self
         return self
+    def error(self, *needles, code:int=2) -> str:
+        "Assert the run failed as a user error: exit `code`, exactly one stderr line `error: ...` containing `needles`, no traceback; return it."
+        assert self.returncode == code and 'Traceback' not in self.stdout + self.stderr, self
+        lines = [l for l in self.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith('error: '), self
+        for n in needles: assert (n.search(lines[0]) if isinstance(n, re.Pattern) else str(n) in lines[0]), f"{n!r} not in {lines[0]!r}\n{self!r}"
+        return lines[0]
 
-def run_cli(*args, cwd, module:bool=False, timeout:float=RUN_TIMEOUT, env:dict|None=None) -> Run:
-    "Run `lm_basics_train ARGS` (or `python -m lm_basics.train ARGS`) in `cwd` and capture its output; `env` adds to (None: removes from) the environment."
-    cmd = [sys.executable, '-m', 'lm_basics.train'] if module else [str(CLI)]
-    cmd += [str(a) for a in args]
-    full_env = {**os.environ, **(env or {})}
-    for k in [k for k, v in full_env.items() if v is None]: del full_env[k]   # None unsets a variable
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
-    return Run(cmd, Path(cwd), p.returncode, p.stdout, p.stderr)
+SCRIPT_MODULES = {'lm_basics_train': 'lm_basics.train', 'lm_basics_prepare': 'lm_basics.tokenize', 'lm_basics_generate': 'lm_basics.generate',
+                  'lm_basics_plot': 'lm_basics.records', 'lm_basics_bench': 'lm_basics.bench', 'lm_basics_export': 'lm_basics.export'}
+
+def command(script:str='lm_basics_train', module:bool=False) -> list[str]:
+    "The console script `script` beside this Python (or on PATH); with `module`, `python -m` its module instead."
+    if module: return [sys.executable, '-m', SCRIPT_MODULES[script]]
+    exe = Path(sys.executable).parent/script
+    return [str(exe if exe.exists() else shutil.which(script) or exe)]
+
+class Proc:
+    """A running `lm_basics_train` (or another console script) whose output is collected line by line as it arrives.
+    `env` adds to (None: removes from) the environment; `preexec` runs in the child before exec (a resource limit, say);
+    `unprivileged` runs it subject to file permissions even as root (see `drop_file_permissions`)."""
+    def __init__(self, args, cwd, env:dict|None=None, script:str='lm_basics_train', preexec=None, module:bool=False,
+                 unprivileged:bool=False):
+        import threading
+        self.args, self.cwd = [str(a) for a in args], Path(cwd)
+        prefix, drop = drop_file_permissions() if unprivileged else ([], None)
+        if drop is not None and preexec is not None: pre = lambda: (drop(), preexec())
+        else: pre = drop or preexec
+        self.cmd = [*prefix, *command(script, module), *self.args]
+        full_env = {**os.environ, **(env or {})}
+        for k in [k for k, v in full_env.items() if v is None]: del full_env[k]   # None unsets a variable
+        self.p = subprocess.Popen(self.cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, text=True, start_new_session=True, preexec_fn=pre)
+        self.pid, self.out, self.err, self._cv = self.p.pid, [], [], threading.Condition()
+        self._threads = [threading.Thread(target=self._pump, args=(s, l), daemon=True) for s, l in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
+        for t in self._threads: t.start()
+    def _pump(self, stream, lines):
+        for line in stream:
+            with self._cv: lines.append(line); self._cv.notify_all()
+        with self._cv: self._cv.notify_all()
+    def wait_for(self, pattern, timeout=RUN_TIMEOUT, stream='stdout') -> re.Match:
+        "Block until a line of `stream` (stdout or stderr) matches `pattern`; fail if the process ends first."
+        import time
+        rx, seen, deadline = re.compile(pattern), 0, time.monotonic() + timeout
+        lines, pump = (self.out, self._threads[0]) if stream == 'stdout' else (self.err, self._threads[1])
+        with self._cv:
+            while True:
+                for line in lines[seen:]:
+                    if m := rx.search(line): return m
+                seen = len(lines)
+                if self.p.poll() is not None and not pump.is_alive():
+                    raise AssertionError(f"process ended (rc {self.p.returncode}) before printing {pattern!r}\n{self!r}")
+                if time.monotonic() > deadline: raise AssertionError(f"timed out waiting for {pattern!r}\n{self!r}")
+                self._cv.wait(0.05)
+    def signal(self, sig): os.kill(self.p.pid, sig)
+    def finish(self, timeout=RUN_TIMEOUT) -> Run:
+        "Wait for the process to end; return it as a finished `Run`."
+        try: self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill(); self.p.wait()
+            raise AssertionError(f"did not finish in {timeout}s\n{self!r}")
+        for t in self._threads: t.join(10)
+        return self.result()
+    def result(self) -> Run: return Run(self.cmd, self.cwd, self.p.returncode, ''.join(self.out), ''.join(self.err))
+    def __repr__(self): return repr(self.result())
+
+def start_cli(*args, cwd, env:dict|None=None, script:str='lm_basics_train', **kw) -> Proc:
+    "Start `lm_basics_train ARGS` (or `script`) in `cwd` without waiting; see `Proc` for the keywords."
+    return Proc(args, cwd, env, script, **kw)
+
+def run_cli(*args, cwd, module:bool=False, timeout:float=RUN_TIMEOUT, env:dict|None=None, script:str='lm_basics_train', **kw) -> Run:
+    "Run `lm_basics_train ARGS` (or `script`; `module`: `python -m` its module) in `cwd` to the end; see `Proc` for the keywords."
+    return Proc(args, cwd, env, script, module=module, **kw).finish(timeout)
+
+def in_parallel(fn, items, workers:int=2) -> list:
+    "`fn` over `items`, `workers` at a time (each CLI process uses about one of the 2 cores); results in order."
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers) as ex: return list(ex.map(fn, items))
 
 
 # ---------------------------------------------------------------------------------------------------- reading a run
@@ -163,8 +281,7 @@ def parse_log(text:str) -> Log:
         elif m := CKPT_RE.match(l): log.checkpoints.append((m[1], int(m[2])))
     return log
 
-def read_metrics(path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+from lm_basics.records import read_metrics   # the product's one reader of metrics.jsonl (a run directory or the file)
 
 def series(records:list[dict], key:str) -> list[tuple[int, float]]:
     "`(iter, value)` of every metrics record that has `key`."
@@ -195,7 +312,7 @@ def check_training_run(run:Run, *, checkpoint_dir:Path, train_tokens:int, val_to
     parameter counts, device, iteration/eval/checkpoint lines, the final evaluation, the checkpoint files and
     `metrics.jsonl`. `expect` holds settings the table must show; `start` is the iteration a resumed run starts at."""
     run.ok()
-    from lm_basics.train import FIELDS
+    from lm_basics.config import FIELDS
     log = parse_log(run.stdout)
     t = log.table
     assert set(t) == set(FIELDS), f"configuration table keys differ from TrainConfig: {set(t) ^ set(FIELDS)}"
@@ -334,25 +451,39 @@ def read_wandb_run(run_dir:Path) -> WandbRun:
 
 # ---------------------------------------------------------------------------------------------------- files untouched
 def snapshot(*roots) -> dict:
-    "Every file and directory under `roots`: size, mtime and content hash (files), so a later call can show any change."
+    "Every file and directory under `roots`: mode, size, mtime and content hash (files), so a later call can show any change."
     out = {}
     for root in roots:
         root = Path(root)
         for p in [root, *sorted(root.rglob('*'))]:
             if p.is_symlink(): out[str(p)] = ('link', os.readlink(p))
-            elif p.is_dir(): out[str(p)] = ('dir',)
+            elif p.is_dir(): out[str(p)] = ('dir', oct(p.stat().st_mode))
             elif p.is_file():
                 st = p.stat()
-                out[str(p)] = ('file', st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                try: digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                except PermissionError: digest = 'unreadable'
+                out[str(p)] = ('file', oct(st.st_mode), st.st_size, st.st_mtime_ns, digest)
     return out
+
+def changes(before:dict, after:dict) -> dict:
+    "What differs between two snapshots: {path: (before, after)}."
+    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
 
 
 class Helpers:
     "Everything above, as one fixture (`lm`), so test modules need no imports from this file."
-    ROOT, CLI, TINY = ROOT, CLI, TINY
+    ROOT, CLI, TINY, IS_ROOT = ROOT, CLI, TINY, IS_ROOT
     tiny_flags = staticmethod(tiny_flags)
+    command = staticmethod(command)
+    in_parallel = staticmethod(in_parallel)
+    in_ci = staticmethod(in_ci)
+    missing_tool = staticmethod(missing_tool)
+    need_unprivileged = staticmethod(need_unprivileged)
+    can_drop_file_permissions = staticmethod(can_drop_file_permissions)
+    changes = staticmethod(changes)
     make_workspace = staticmethod(make_workspace)
     run = staticmethod(run_cli)
+    start = staticmethod(start_cli)
     parse_log = staticmethod(parse_log)
     read_metrics = staticmethod(read_metrics)
     series = staticmethod(series)

@@ -156,6 +156,8 @@ def test_resume_as_written_adopts_the_checkpoint(lm, my_run, corpus, tmp_path):
     ws = tmp_path/'ws'; shutil.copytree(my_run[0], ws, symlinks=True)
     ckdir = ws/'checkpoints'/'my_run'
     first = lm.read_metrics(ckdir/'metrics.jsonl')
+    (ckdir/'checkpoint_iter_20.pt').unlink()   # as if the run had been stopped after its checkpoint at 10 (resuming an older
+                                               # checkpoint where newer ones exist is refused: test_run_dir.py)
     args = spec_args(EN_RESUME, **{'checkpoints/my_run/checkpoint_iter_5000.pt': 'checkpoints/my_run/checkpoint_iter_10.pt',
                                    '20000': '30'})
     assert args[-4:] == ['--resume_from', 'checkpoints/my_run/checkpoint_iter_10.pt', '--max_iters', '30']
@@ -201,6 +203,7 @@ def test_config_file_then_resume(lm, workspace, corpus):
         assert log.table[k] == str(shipped[k]), k
 
     # resume: the document names the checkpoint checkpoint_2000.pt; ours are checkpoint_iter_N.pt
+    (ckdir/'checkpoint_iter_20.pt').unlink()   # as if the run had been stopped after its checkpoint at 10
     args = spec_args(ZH_RESUME, **{'checkpoints/tinystories_small/checkpoint_2000.pt': 'checkpoints/tinystories_small/checkpoint_iter_10.pt'})
     run2 = lm.run(*args, *tiny, '--max-iters', 30, '--train-data', corpus.path('train', 'npy'),
                   '--val-data', corpus.path('val', 'npy'), cwd=workspace)
@@ -253,7 +256,7 @@ def test_wandb_from_config_file(lm, workspace, corpus):
 def test_configuration_table_is_one_line_per_setting(lm):
     "Every setting of the shipped configs prints as one `name : value` line, whatever characters its value holds."
     import io
-    from lm_basics.train import parse_config, print_config, FIELDS
+    from lm_basics.config import parse_config, print_config, FIELDS
     for cfg_file in sorted((lm.ROOT/'configs').glob('*.json')):
         cfg, _ = parse_config(['--config', str(cfg_file)])
         buf = io.StringIO(); print_config(cfg, file=buf)
@@ -276,7 +279,7 @@ ZH_FLAG_NAMES = ('--train-data', '--val-data', '--vocab-size', '--context-length
                  '--checkpoint-interval', '--config', '--resume', '--wandb', '--wandb-project', '--wandb-run-name', '--wandb-tags')
 
 def test_help_lists_every_flag_with_help_and_default(lm, tmp_path):
-    from lm_basics.train import FIELDS, HELP
+    from lm_basics.config import FIELDS, HELP
     run = lm.run('--help', cwd=tmp_path, env={'COLUMNS': '1000'}).ok()
     text = ' '.join(run.stdout.split())
     for name in FIELDS:

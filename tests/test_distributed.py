@@ -69,7 +69,8 @@ def test_ddp_resumes_under_ddp_and_across_process_counts(tmp_path, env):
     out = run(['--resume_from', full/'checkpoint_iter_6.pt', '--checkpoint_dir', part], env, nproc=2)
     assert 'Resumed from' in out and 'at iteration 6' in out
     assert_close_weights(final, weights(part/'checkpoint_iter_12.pt'))
-    assert [i for i, _ in losses(part)] == [6, 9, 11]       # step 6 is the first one the resumed run takes
+    # a branch into a new directory: the records up to iteration 6 come with it, and step 6 is the first one it takes
+    assert [i for i, _ in losses(part)] == [0, 3, 6, 9, 11] and losses(part)[:2] == losses(full)[:2]
     # ... and resumed in ONE process with the same global batch (8)
     single = tmp_path/'single'
     out = run(['--resume_from', full/'checkpoint_iter_6.pt', '--checkpoint_dir', single, '--batch_size', '8'], env)

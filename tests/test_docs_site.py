@@ -240,7 +240,7 @@ def test_equations(nb, site, doms):
 def test_known_pages_carry_their_api(doms):
     "The examples a reader would look up first (guards against the generic checks matching nothing)."
     for page, names in {'01_data.html': ['get_batch'], '02_model.html': ['TransformerLM', 'RMSNorm'],
-                        '03_optim.html': ['cosine_lr'], '05_train.html': ['TrainConfig']}.items():
+                        '03_optim.html': ['cosine_lr'], '08_config.html': ['TrainConfig'], '10_train.html': ['TrainStep', 'train']}.items():
         for name in names: assert api_doc(doms[page], name), f'{page}: {name}'
     assert table_rows(api_doc(doms['01_data.html'], 'get_batch'))[:3] == ['data', 'batch_size', 'context_length']
     assert 'd_model' in table_rows(api_doc(doms['02_model.html'], 'TransformerLM'))
@@ -264,7 +264,7 @@ def test_internal_links_resolve(site, doms):
     assert not bad, '\n'.join(bad)
     assert checked > 10 * len(PAGES)
     # nbdev's doc links (backticked names in prose) point at the local API headings, not the published site
-    hrefs = [a['href'] for a in doms['05_train.html'].select('main a[href]')]
+    hrefs = [a['href'] for a in doms['10_train.html'].select('main a[href]')]
     assert any(h.startswith('02_model.html#') or h.startswith('01_data.html#') for h in hrefs)
     assert not [h for h in hrefs if h.endswith('.ipynb') or '.ipynb#' in h]
 

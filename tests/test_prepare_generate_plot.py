@@ -17,7 +17,7 @@ TRAIN_FLAGS = ['--d_model', '64', '--num_layers', '2', '--num_heads', '4', '--d_
                '--batch_size', '8', '--max_iters', '30', '--warmup_iters', '5', '--eval_interval', '10', '--eval_iters', '2',
                '--log_interval', '5', '--checkpoint_interval', '10', '--device', 'cpu', '--lr', '3e-3', '--min_lr', '3e-4']
 MODULES = {'lm_basics_prepare': 'lm_basics.tokenize', 'lm_basics_train': 'lm_basics.train',
-           'lm_basics_generate': 'lm_basics.generate', 'lm_basics_plot': 'lm_basics.plot'}
+           'lm_basics_generate': 'lm_basics.generate', 'lm_basics_plot': 'lm_basics.records'}
 
 
 def command(name):

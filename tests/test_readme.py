@@ -32,7 +32,7 @@ def test_readme_has_the_three_commands(lm):
     # 2. the demo: the console script on a shipped config
     assert demo.split()[:3] == ['lm_basics_train', '--config', 'configs/demo.json'], demo
     assert (root/'configs'/'demo.json').is_file()
-    assert 'lm_basics_train=lm_basics.train:main' in (root/'settings.ini').read_text().replace(' ', '')
+    assert 'lm_basics_train=lm_basics.cli:train' in (root/'settings.ini').read_text().replace(' ', '')
     # 3. the tests: the notebooks, then this suite; CI runs the same command
     assert 'nbdev_test' in tests and 'pytest tests' in tests, tests
     ci = (root/'.ci'/'run').read_text()
@@ -40,7 +40,7 @@ def test_readme_has_the_three_commands(lm):
 
 @pytest.mark.parametrize('name', sorted(p.name for p in (Path(__file__).resolve().parents[1]/'configs').glob('*.json')))
 def test_config_parses_and_validates(name, lm):
-    from lm_basics.train import parse_config, validate, load_config_file, canonical_name
+    from lm_basics.config import parse_config, validate, load_config_file, canonical_name
     path = _root(lm)/'configs'/name
     raw = json.loads(path.read_text())
     cfg, explicit = parse_config(['--config', str(path)])
@@ -53,7 +53,7 @@ def test_config_parses_and_validates(name, lm):
     ('gpt2_124M.json', dict(num_layers=12, d_model=768, num_heads=12, context_length=1024))])
 def test_shipped_configs_are_the_documents(name, arch, lm):
     "The Chinese document's two configs, with the architectures the issue gives."
-    from lm_basics.train import parse_config
+    from lm_basics.config import parse_config
     cfg, _ = parse_config(['--config', str(_root(lm)/'configs'/name)])
     assert {k: getattr(cfg, k) for k in arch} == arch
 

@@ -120,7 +120,7 @@ def test_bench_takes_a_training_config(tmp_path):
 @pytest.mark.parametrize('args,message', [
     (['--variants', 'fast:float32'], "--variants: 'fast:float32' is not MODE:DTYPE"),
     (['--variants', 'eager:float16'], '--variants: eager:float16 needs a CUDA GPU'),
-    (['--d_model', 'wide'], "argument --d_model: invalid int value: 'wide'"),
+    (['--d_model', 'wide'], "--d_model: d_model must be int, got 'wide'"),
     (['--device', 'cuda'], 'no CUDA GPU'),
     (['--config', 'missing.json'], 'config file not found: missing.json'),
 ])

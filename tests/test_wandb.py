@@ -26,7 +26,7 @@ def test_offline_run_lives_in_the_checkpoint_dir(wandb_run, lm):
     assert not (cwd/'wandb').exists(), "W&B wrote to the working directory instead of the checkpoint dir"
 
 def test_name_project_tags_and_config(wandb_run, lm):
-    from lm_basics.train import FIELDS
+    from lm_basics.config import FIELDS
     w = lm.read_wandb_run(lm.offline_runs(wandb_run[1])[0])
     assert (w.project, w.name, w.tags) == ('P', 'N', ['a', 'b'])
     assert set(w.config) == set(FIELDS), set(w.config) ^ set(FIELDS)   # the full config, nothing else

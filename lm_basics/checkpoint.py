@@ -238,6 +238,24 @@ class RunDir:
 def _holder() -> dict:
     return dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S'), command=' '.join(sys.argv))
 
+def _in_use(path:Path, fd:int) -> LMBasicsError:
+    "The refusal for a directory whose lock another process holds, naming it (from what it wrote into the lock file)."
+    try: h = json.loads(os.pread(fd, 4096, 0) or b'{}')
+    except ValueError: h = {}
+    who = f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}: {h.get('command', '?')}"
+    return LMBasicsError(f"{path} is in use by another run ({who}); wait for it to finish, or choose another --checkpoint_dir")
+
+@patch_to(RunDir)
+def check_free(self:RunDir):
+    "Refuse, naming the holder, if another process holds the directory's lock now (a look: nothing is created or kept)."
+    try: fd = os.open(self.path/LOCK_FILE, os.O_RDONLY)
+    except OSError: return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)   # conflicts with a holder's exclusive lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError: raise _in_use(self.path, fd) from None
+    finally: os.close(fd)
+
 @patch_to(RunDir)
 def lock(self:RunDir):
     "Take the directory's lock for this process's life (creating the directory); refuse, naming the holder, if another run has it."
@@ -246,13 +264,13 @@ def lock(self:RunDir):
         fd = os.open(self.path/LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise LMBasicsError(f"cannot write to checkpoint_dir {self.path} ({e.strerror}); choose a writable --checkpoint_dir") from None
-    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try: h = json.loads(os.pread(fd, 4096, 0) or b'{}')
-        except ValueError: h = {}
-        os.close(fd)
-        who = f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}: {h.get('command', '?')}"
-        raise LMBasicsError(f"{self.path} is in use by another run ({who}); wait for it to finish, or choose another --checkpoint_dir") from None
+    for attempt in range(20):   # another process's look (`check_free`) holds it for microseconds; a run, for its whole life
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+        except BlockingIOError:
+            if attempt == 19:
+                err = _in_use(self.path, fd); os.close(fd)
+                raise err from None
+            time.sleep(0.01)
     os.ftruncate(fd, 0); os.pwrite(fd, (json.dumps(_holder()) + '\n').encode(), 0)
     self._lock_fd = fd
     return self
@@ -333,14 +351,17 @@ def _run_of(path:Path) -> str|None: return (RunDir(path.parent).info() or {}).ge
 def plan_run(resume_from:str|None, # None (a fresh run), 'auto', or a checkpoint file
              checkpoint_dir:str|Path, # the run directory asked for
              dir_given:bool=True, # whether --checkpoint_dir was given (else a resumed run stays beside its checkpoint)
+             check_free:bool=True, # refuse a directory another process holds (the process that will lock it looks; not every rank)
             ) -> RunPlan:
     "Decide, before writing anything, where a run goes and what it continues; refuse what would overwrite finished work."
     if resume_from not in (None, 'auto'):
         src = Path(resume_from)
         ck = read_checkpoint(src)
         d = RunDir(checkpoint_dir if dir_given else src.parent)
+        if check_free: d.check_free()
         return _continue(d, ck, src, [])
     d = RunDir(checkpoint_dir)
+    if check_free: d.check_free()   # a directory in use says so first, whatever else it holds
     own = d.checkpoints()
     if resume_from is None:
         if own: raise LMBasicsError(f"{d.path} already holds a run (checkpoints up to iteration {own[-1][0]}); continue it with "

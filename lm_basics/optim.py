@@ -10,8 +10,8 @@ import torch.nn as nn
 from .core import LMBasicsError
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'SCHEDULES', 'is_block_matrix', 'param_groups', 'MuonAdamW', 'make_optimizer', 'cosine_lr', 'wsd_lr',
-           'linear_lr', 'learning_rate', 'clip_grad_norm']
+__all__ = ['OPTIMIZERS', 'SCHEDULES', 'is_block_matrix', 'param_groups', 'newton_schulz', 'newton_schulz_dtype', 'MuonAdamW',
+           'make_optimizer', 'cosine_lr', 'wsd_lr', 'linear_lr', 'learning_rate', 'clip_grad_norm']
 
 # %% ../nbs/03_optim.ipynb #7941282f
 def is_block_matrix(name:str, # the parameter's name in the model (wrapper prefixes allowed)
@@ -36,18 +36,56 @@ def param_groups(model:nn.Module, # the model (plain, compiled or wrapped)
     groups = [dict(params=decay, weight_decay=weight_decay, muon=False), dict(params=rest, weight_decay=0.0, muon=False)]
     return [dict(params=matrices, muon=True)] + groups if muon else groups
 
-# %% ../nbs/03_optim.ipynb #26f22e1c
+# %% ../nbs/03_optim.ipynb #7f41c4e6
+def newton_schulz(G, # (m, n) matrix to orthogonalise
+                  steps:int=5, a:float=3.4445, b:float=-4.7750, c:float=2.0315, eps:float=1e-7,
+                  dtype=torch.float32, # precision of the iteration
+                 ):
+    "Approximately orthogonalise `G`: five steps of the quintic Newton–Schulz iteration, written out."
+    X = G.to(dtype)
+    if G.shape[0] > G.shape[1]: X = X.T                   # tall: iterate on the transpose
+    X = X / X.norm().clamp(min=eps)                       # all singular values now in [0, 1]
+    for _ in range(steps):
+        A = X @ X.T                                       # (m, m) Gram matrix
+        B = torch.addmm(A, A, A, beta=b, alpha=c)         # b·A + c·A·A, rounded once
+        X = torch.addmm(X, B, X, beta=a)                  # a·X + B·X: each s -> a·s + b·s³ + c·s⁵
+    return X.T if G.shape[0] > G.shape[1] else X
+
+# %% ../nbs/03_optim.ipynb #e54e539d
+def newton_schulz_dtype(device:torch.device|str='cpu', # where the matrices are
+                       ) -> torch.dtype:
+    "The precision Muon's Newton–Schulz iteration runs in: bfloat16 where the hardware multiplies it natively, else float32."
+    device = torch.device(device)
+    if device.type != 'cpu': return torch.bfloat16
+    cap = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if 'BF16' in cap or 'AMX' in cap else torch.float32
+
+# %% ../nbs/03_optim.ipynb #8cde0c8b
+import contextlib, torch.optim._muon as _torch_muon
+
+@contextlib.contextmanager
+def _newton_schulz_in(dtype:torch.dtype):
+    "Within the block, PyTorch's Muon runs its Newton-Schulz iteration in `dtype` (its own is bfloat16)."
+    own = getattr(_torch_muon, '_zeropower_via_newtonschulz', None)
+    if dtype == torch.bfloat16 or own is None: yield; return
+    _torch_muon._zeropower_via_newtonschulz = lambda grad, coefficients, steps, eps: newton_schulz(grad, steps, *coefficients, eps, dtype=dtype)
+    try: yield
+    finally: _torch_muon._zeropower_via_newtonschulz = own
+
 class MuonAdamW:
     "Muon for the weight matrices inside the blocks and AdamW for the other parameters, stepped as one optimizer."
     def __init__(self, muon:torch.optim.Muon, # over the blocks' 2-D weight matrices
                  adamw:torch.optim.AdamW, # over the embedding, the LM head and the norm gains
                 ):
         self.muon, self.adamw, self.optimizers = muon, adamw, [muon, adamw]
+        first = next((p for g in muon.param_groups for p in g['params']), None)
+        self.ns_dtype = newton_schulz_dtype(first.device if first is not None else 'cpu')
     @property
     def param_groups(self) -> list[dict]: return [g for o in self.optimizers for g in o.param_groups]
     def step(self):
-        "One step of both optimizers."
-        for o in self.optimizers: o.step()
+        "One step of both optimizers (Muon's Newton–Schulz iteration in `ns_dtype`)."
+        with _newton_schulz_in(self.ns_dtype): self.muon.step()
+        self.adamw.step()
     def zero_grad(self, set_to_none:bool=True):
         "Clear the gradients of every parameter."
         for o in self.optimizers: o.zero_grad(set_to_none=set_to_none)

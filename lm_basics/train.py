@@ -25,8 +25,8 @@ from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, se
 
 # %% auto #0
 __all__ = ['StepResult', 'TrainStep', 'evaluate', 'RunState', 'Console', 'StopSignal', 'data_paths', 'check_meta',
-           'run_tokenizer', 'set_learning_rates', 'bytes_per_token', 'save_run', 'log_eval', 'train', 'build_model',
-           'decide_compile', 'claim_run_dir', 'log_step', 'main']
+           'run_tokenizer', 'set_learning_rates', 'bytes_per_token', 'plan_and_check', 'load_data', 'evaluate_run',
+           'save_run', 'log_eval', 'train', 'build_model', 'decide_compile', 'claim_run_dir', 'log_step', 'main']
 
 # %% ../nbs/10_train.ipynb #3e576d4c
 @dataclass
@@ -80,8 +80,10 @@ class TrainStep:
         elif not self.scaler.is_enabled() and not finite:                  # (the float16 scaler skips such steps itself)
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_sum, grad_norm, updated=False)
-        for o in self.optimizers: self.scaler.step(o)
-        self.scaler.update()
+        if self.scaler.is_enabled():   # float16: the scaler steps each PyTorch optimizer, skipping overflowing steps
+            for o in self.optimizers: self.scaler.step(o)
+            self.scaler.update()
+        else: self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_sum, grad_norm)
 
@@ -250,6 +252,40 @@ def bytes_per_token(data:np.ndarray, # the validation token array
     return float(counts @ length) / len(data)
 
 # %% ../nbs/10_train.ipynb #c83614dd
+def plan_and_check(cfg:TrainConfig, explicit:set[str], rank:int, world:int, console:Console) -> tuple[TrainConfig, 'RunPlan', RunState]:
+    "Where the run goes and what it continues, with its settings merged and checked; nothing is written."
+    plan = plan_run(cfg.resume_from, cfg.checkpoint_dir, 'checkpoint_dir' in explicit, check_free=rank == 0)   # the rank that will lock it looks
+    for note in plan.notes: console.say(note)
+    if plan.checkpoint is not None:
+        cfg, changes = merge_resumed_config(cfg, explicit, plan.checkpoint.get('config', {}), source=str(plan.checkpoint_path))
+        for c in changes: console.say(f"Resume: {c}")
+    cfg = validate(dataclasses.replace(cfg, checkpoint_dir=str(plan.dir.path)))
+    if cfg.fsdp and not dist.is_initialized():
+        raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m lm_basics.train ...")
+    if (accum := resolve_accumulation(cfg, world, explicit)) != cfg.gradient_accumulation_steps:
+        console.say(f"total_batch_size {cfg.total_batch_size:,} = {accum} micro-steps x batch_size {cfg.batch_size} x context_length "
+                    f"{cfg.context_length} x {world} process(es): gradient_accumulation_steps {cfg.gradient_accumulation_steps} -> {accum}")
+        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=accum)
+    return cfg, plan, RunState.from_checkpoint(plan.checkpoint)
+
+def load_data(cfg:TrainConfig, run_dir:Path, console:Console) -> tuple:
+    "The run's (train, val) token arrays, checked; the tokenizer they were prepared with (or None); the validation bytes per token (or None)."
+    train_path, val_path = data_paths(cfg)
+    for p in (train_path, val_path): check_meta(p, cfg.vocab_size)
+    tokenizer = run_tokenizer(run_dir, train_path)
+    if cfg.sample_tokens: find_tokenizer(dict(asdict(cfg), train_data_path=train_path), run_dir=run_dir, purpose='--sample_tokens')
+    console.say("Loading data with memory mapping...")
+    train_data = load_tokens(train_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"train data {train_path}")
+    val_data = load_tokens(val_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"val data {val_path}")
+    console.say(f"Train data size: {len(train_data):,} tokens\nValidation data size: {len(val_data):,} tokens")
+    if (bpt := bytes_per_token(val_data, tokenizer, val_path)) is not None: console.say(f"Validation bytes per token: {bpt:.4f}")
+    return train_data, val_data, tokenizer, bpt
+
+def evaluate_run(step:TrainStep, train_data, val_data, cfg:TrainConfig, kw:dict) -> tuple[float, float]:
+    "The run's evaluation: the mean loss on training and on validation batches (each from its own fixed seed)."
+    return evaluate(step.forward, train_data, seed=cfg.seed + 1, **kw), evaluate(step.forward, val_data, seed=cfg.seed + 2, **kw)
+
+# %% ../nbs/10_train.ipynb #8c928a5e
 def save_run(it:int, run_dir:RunDir, model, optimizer, cfg:TrainConfig, state:RunState, batches, records:RunRecords|None,
              step:TrainStep, console:Console, metrics_bytes:int|None=None) -> Path:
     "Save the run's checkpoint after `it` steps (every rank calls it; rank 0 writes, prunes and says so)."
@@ -275,7 +311,7 @@ def log_eval(records:RunRecords|None, console:Console, it:int, prefix:str, losse
                          + (f" | Val bpb: {values[f'{prefix}/val_bpb']:.4f}" if bytes_per_token else ''))
     return values
 
-# %% ../nbs/10_train.ipynb #8c928a5e
+# %% ../nbs/10_train.ipynb #d3a7a27e
 def train(cfg:TrainConfig, # the settings of the run
           explicit:set[str]|None=None, # settings given explicitly (when resuming, the others come from the checkpoint)
           out=None, # where the log goes (default: stdout)
@@ -286,36 +322,16 @@ def train(cfg:TrainConfig, # the settings of the run
     console = Console(out, quiet=not master)
     with StopSignal() as stop:
         # 1. plan and check: nothing is written until the directory is claimed
-        plan = plan_run(cfg.resume_from, cfg.checkpoint_dir, 'checkpoint_dir' in explicit)
-        for note in plan.notes: console.say(note)
-        if plan.checkpoint is not None:
-            cfg, changes = merge_resumed_config(cfg, explicit, plan.checkpoint.get('config', {}), source=str(plan.checkpoint_path))
-            for c in changes: console.say(f"Resume: {c}")
-        cfg = validate(dataclasses.replace(cfg, checkpoint_dir=str(plan.dir.path)))
-        state = RunState.from_checkpoint(plan.checkpoint)
+        cfg, plan, state = plan_and_check(cfg, explicit, rank, world, console)
         if state.complete(cfg.max_iters): return _report_complete(cfg, state, plan, console)
         device = dist_device or resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        dtype, accum = resolve_dtype(cfg.dtype, device), cfg.gradient_accumulation_steps
         if dtype == 'float16' and device.type != 'cuda':
             raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {device.type}); use --dtype bfloat16 or float32")
-        if cfg.fsdp and not dist.is_initialized():
-            raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m lm_basics.train ...")
-        if (accum := resolve_accumulation(cfg, world, explicit)) != cfg.gradient_accumulation_steps:
-            console.say(f"total_batch_size {cfg.total_batch_size:,} = {accum} micro-steps x batch_size {cfg.batch_size} x context_length "
-                        f"{cfg.context_length} x {world} process(es): gradient_accumulation_steps {cfg.gradient_accumulation_steps} -> {accum}")
-            cfg = dataclasses.replace(cfg, gradient_accumulation_steps=accum)
         random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)   # the same on every rank: each takes its slice of the global batch
         if master: print_config(cfg, file=console)
-        train_path, val_path = data_paths(cfg)
-        for p in (train_path, val_path): check_meta(p, cfg.vocab_size)
-        tokenizer = run_tokenizer(plan.dir.path, train_path)
-        if cfg.sample_tokens: find_tokenizer(dict(asdict(cfg), train_data_path=train_path), run_dir=plan.dir.path, purpose='--sample_tokens')
-        console.say("Loading data with memory mapping...")
-        train_data = load_tokens(train_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"train data {train_path}")
-        val_data = load_tokens(val_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"val data {val_path}")
-        console.say(f"Train data size: {len(train_data):,} tokens\nValidation data size: {len(val_data):,} tokens")
-        if (bpt := bytes_per_token(val_data, tokenizer, val_path)) is not None: console.say(f"Validation bytes per token: {bpt:.4f}")
+        train_data, val_data, tokenizer, bpt = load_data(cfg, plan.dir.path, console)
         batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world, accum)
 
         # 2. build: model, optimizer, step; restored from the checkpoint
@@ -359,7 +375,7 @@ def train(cfg:TrainConfig, # the settings of the run
             while it < cfg.max_iters:
                 t0 = time.perf_counter()
                 if it % cfg.eval_interval == 0 and state.last_eval_iter != it:
-                    state.evaluated(it, evaluate(step.forward, train_data, seed=cfg.seed + 1, **ev), evaluate(step.forward, val_data, seed=cfg.seed + 2, **ev))
+                    state.evaluated(it, *evaluate_run(step, train_data, val_data, cfg, ev))
                     log_eval(records, console, it, 'eval', state.last_losses, bpt)
                     if records: records.refresh_plot()
                 if it % cfg.checkpoint_interval == 0 and it != start: save_run(it, *saving)
@@ -389,7 +405,7 @@ def train(cfg:TrainConfig, # the settings of the run
                 console.say(f"Stopped by {signal.Signals(stopped).name} after iteration {it}; continue with --resume auto (or --resume_from {path})")
                 return {'stopped_at': it, 'signal': stopped, 'checkpoint': str(path)}
             if state.last_eval_iter != it:   # the regular evaluation is recorded as such: an extended run keeps the same records
-                state.evaluated(it, evaluate(step.forward, train_data, seed=cfg.seed + 1, **ev), evaluate(step.forward, val_data, seed=cfg.seed + 2, **ev))
+                state.evaluated(it, *evaluate_run(step, train_data, val_data, cfg, ev))
                 if it % cfg.eval_interval == 0: log_eval(records, console, it, 'eval', state.last_losses, bpt, show=False)
             before_final = records.tell() if records else None   # the final records are cut off when the run is extended
             console.say('-' * 80 + "\nFinal evaluation...")
@@ -408,7 +424,7 @@ def train(cfg:TrainConfig, # the settings of the run
             if records: records.close()
         return _report_end(cfg, state, it, path, device, console, master)
 
-# %% ../nbs/10_train.ipynb #d3a7a27e
+# %% ../nbs/10_train.ipynb #0aa4fab2
 def build_model(cfg:TrainConfig, device:torch.device, world:int=1) -> TransformerLM:
     "The run's model on `device` (sharded with FSDP2 if asked), after checking that a training step fits in memory."
     args = {k: getattr(cfg, k) for k in MODEL_ARGS}
@@ -416,11 +432,13 @@ def build_model(cfg:TrainConfig, device:torch.device, world:int=1) -> Transforme
     need = training_memory(params // (world if cfg.fsdp else 1), cfg.batch_size * cfg.context_length, cfg.d_model, cfg.num_layers,
                            cfg.d_ff, cfg.vocab_size, cfg.loss_chunk)
     free = available_memory(device)
-    if free is not None and need['total'] > free:
+    sharing = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if device.type == 'cpu' else 1   # torchrun's processes on one machine share its RAM
+    if free is not None and need['total'] * sharing > free:
         gib = lambda b: f"{b / 2**30:,.1f} GiB"
-        raise LMBasicsError(f"this model and batch need about {gib(need['total'])} ({params:,} parameters with their gradients and optimizer "
-                            f"state: {gib(need['state'])}; activations: {gib(need['activations'])}) but {device.type} has {gib(free)} free; "
-                            f"lower --batch_size (raise --gradient_accumulation_steps to keep the step), --context_length, or the model size")
+        raise LMBasicsError(f"this model and batch need about {gib(need['total'])}" + (f" in each of {sharing} processes" if sharing > 1 else '')
+                            + f" ({params:,} parameters with their gradients and optimizer state: {gib(need['state'])}; activations: "
+                            f"{gib(need['activations'])}) but {device.type} has {gib(free)} free; lower --batch_size (raise "
+                            f"--gradient_accumulation_steps to keep the step), --context_length, or the model size")
     model = TransformerLM(**args).to(device)
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -486,7 +504,7 @@ def _report_end(cfg, state, it, path, device, console, master) -> dict:
         console.say('-' * 80)
     return {**f, 'iterations': it, 'checkpoint': str(path)}
 
-# %% ../nbs/10_train.ipynb #0aa4fab2
+# %% ../nbs/10_train.ipynb #3a0ba1d7
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_train`."

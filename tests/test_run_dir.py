@@ -30,6 +30,17 @@ def flags(lm, corpus, **over):
     "The tiny run on the Shakespeare bytes, without the loss plot (`over` changes settings)."
     return [*data_flags(corpus), *lm.tiny_flags(**over), '--no-plot']
 
+from contextlib import contextmanager
+@contextmanager
+def killed_after(p):
+    "Whatever happens in the block, `p` (a started process, in a session of its own) is not left running afterwards."
+    try: yield p
+    finally:
+        if p.p.poll() is None:
+            try: os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError: pass
+            p.p.wait()
+
 def catches(pid, sig) -> bool:
     "Whether process `pid` has a handler for `sig` (the SigCgt mask in /proc/PID/status)."
     mask = next(l.split()[1] for l in open(f'/proc/{pid}/status') if l.startswith('SigCgt:'))
@@ -46,15 +57,16 @@ def train_iters(lm, d) -> list[int]: return [r['iter'] for r in lm.read_metrics(
 def test_second_run_is_refused_while_the_first_trains(lm, corpus, tmp_path):
     d = tmp_path/'x'
     first = lm.start(*flags(lm, corpus, max_iters=100_000, checkpoint_interval=50, log_interval=1), '--checkpoint_dir', d, cwd=tmp_path)
-    first.wait_for(r'^Iter +1 ')
-    host = os.uname().nodename
-    for extra in ([], ['--resume', 'auto'], ['--resume', 'auto', '--max_iters', '200000']):
-        second = lm.run(*flags(lm, corpus, max_iters=100_000), '--checkpoint_dir', d, *extra, cwd=tmp_path)
-        line = second.error('is in use by another run', f'pid {first.pid} on {host}', 'started', 'choose another --checkpoint_dir')
-        assert not re.search(r'^(Iter|\[CHECKPOINT\])', second.stdout, re.M), second
-    first.wait_for(r'^\[CHECKPOINT\] Saved checkpoint to \S+_100\.pt')
-    first.signal(signal.SIGTERM)
-    done = first.finish()
+    with killed_after(first):
+        first.wait_for(r'^Iter +1 ')
+        host = os.uname().nodename
+        for extra in ([], ['--resume', 'auto'], ['--resume', 'auto', '--max_iters', '200000']):
+            second = lm.run(*flags(lm, corpus, max_iters=100_000), '--checkpoint_dir', d, *extra, cwd=tmp_path)
+            line = second.error('is in use by another run', f'pid {first.pid} on {host}', 'started', 'choose another --checkpoint_dir')
+            assert not re.search(r'^(Iter|\[CHECKPOINT\])', second.stdout, re.M), second
+        first.wait_for(r'^\[CHECKPOINT\] Saved checkpoint to \S+_\d+\.pt')
+        first.signal(signal.SIGTERM)
+        done = first.finish()
     assert done.returncode == 128 + signal.SIGTERM, done
     iters = train_iters(lm, d)
     assert iters == sorted(set(iters)) and iters[0] == 0, "metrics.jsonl has duplicated or interleaved records"
@@ -148,12 +160,13 @@ def test_data_file_changed_underneath(lm, corpus, tmp_path, how):
     d = tmp_path/'run'
     p = lm.start(*flags(lm, corpus, max_iters=100_000, checkpoint_interval=100_000, log_interval=1), '--train_data_path', train,
                  '--checkpoint_dir', d, cwd=tmp_path)
-    p.wait_for(r'^Iter +3 ')
-    if how == 'truncated':
-        with open(train, 'r+b') as f: f.truncate(1000)
-    else:
-        with open(train, 'r+b') as f: f.seek(200); f.write(bytes(5000))   # same size, same inode, new content
-    r = p.finish()
+    with killed_after(p):
+        p.wait_for(r'^Iter +3 ')
+        if how == 'truncated':
+            with open(train, 'r+b') as f: f.truncate(1000)
+        else:
+            with open(train, 'r+b') as f: f.seek(200); f.write(bytes(5000))   # same size, same inode, new content
+        r = p.finish()
     line = r.error(str(train), 'while the run was using it', '--resume auto')
     saved = re.findall(r'^\[CHECKPOINT\] Saved checkpoint to (\S+)$', r.stdout, re.M)
     assert len(saved) == 1, r
@@ -179,9 +192,9 @@ def test_directory_without_a_checkpoint_holds_no_run(lm, corpus, tmp_path):
     "A run killed before its first checkpoint leaves run.json, config.json and metrics.jsonl: nothing to protect, so the same command runs."
     d = tmp_path/'run'
     args = flags(lm, corpus, max_iters=100_000, log_interval=1, checkpoint_interval=100_000)
-    p = lm.start(*args, '--checkpoint_dir', d, cwd=tmp_path)
-    p.wait_for(r'^Iter +0 ')
-    p.signal(signal.SIGKILL); p.finish()
+    with killed_after(lm.start(*args, '--checkpoint_dir', d, cwd=tmp_path)) as p:
+        p.wait_for(r'^Iter +0 ')
+        p.signal(signal.SIGKILL); p.finish()
     assert {'run.json', 'config.json', 'metrics.jsonl'} <= {f.name for f in d.iterdir()} and not its(d)
     lm.run(*flags(lm, corpus, max_iters=10), '--checkpoint_dir', d, cwd=tmp_path).ok()
     assert its(d) == [10] and train_iters(lm, d) == [0, 5, 9]
@@ -192,6 +205,9 @@ def test_second_ctrl_c_while_saving(lm, corpus, tmp_path):
     big = ['--d_model', 512, '--num_heads', 8, '--d_ff', 2048, '--num_layers', 8, '--batch_size', 1, '--context_length', 32]
     p = lm.start(*flags(lm, corpus, max_iters=100_000, checkpoint_interval=2, log_interval=1, keep_last=1), *big, '--checkpoint_dir', d,
                  cwd=tmp_path)
+    with killed_after(p): _second_ctrl_c(p, d)
+
+def _second_ctrl_c(p, d):
     p.wait_for(r'^\[CHECKPOINT\] Saved checkpoint to \S+_2\.pt')
     good = (d/'checkpoint_iter_2.pt').read_bytes()
     p.signal(signal.SIGINT)
@@ -253,3 +269,58 @@ def test_training_in_chunks_is_one_run(lm, corpus, tmp_path):
     # without --lr_decay_iters the first chunk would have decayed to min_lr by iteration 10: a different run
     lrs = {r['iter']: r['train/learning_rate'] for r in lm.read_metrics(chunks) if 'train/learning_rate' in r}
     assert lrs[9] > 2e-3 and lrs[29] < 4e-4
+
+
+# ---------------------------------------------------------------------------------------------------- 11. lm_basics_prepare
+@pytest.fixture(scope='module')
+def plays_dir(tmp_path_factory):
+    from lm_basics.data import shakespeare_plays
+    d = tmp_path_factory.mktemp('plays')
+    for n, t in shakespeare_plays().items(): (d/f'{n}.txt').write_text(t)
+    return d
+
+def _prepare(lm, *args, cwd): return lm.start(*args, '--no-progress', cwd=cwd, script='lm_basics_prepare')
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_prepare_stopped_cleanly(lm, plays_dir, tmp_path, sig):
+    "Ctrl-C or SIGTERM while preparing: one line, exit 128 + signal, and nothing left in the output directory."
+    out = tmp_path/'data'
+    p = _prepare(lm, plays_dir, '--out', out, '--vocab_size', 2000, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list(out.glob('.prepare-*')) if out.exists() else True:   # it has started writing
+        assert time.monotonic() < deadline and p.p.poll() is None, p
+        time.sleep(0.01)
+    p.signal(sig)
+    r = p.finish()
+    assert r.returncode == 128 + sig and 'Traceback' not in r.stdout + r.stderr, r
+    assert r.stderr.strip() == f'Interrupted by {signal.Signals(sig).name}: stopped; nothing half-written was kept', r
+    assert not out.exists(), sorted(out.iterdir())
+
+def test_prepare_after_a_kill_cleans_up(lm, plays_dir, tmp_path):
+    "A SIGKILL leaves the temporary directory behind; the next run into the same --out removes it and succeeds."
+    out = tmp_path/'data'
+    p = _prepare(lm, plays_dir, '--out', out, '--vocab_size', 2000, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and list(out.glob('.prepare-*'))):
+        assert time.monotonic() < deadline and p.p.poll() is None, p
+        time.sleep(0.01)
+    p.signal(signal.SIGKILL); p.finish()
+    left = list(out.glob('.prepare-*'))
+    assert left, "the kill left nothing to clean up: the test proves nothing"
+    r = _prepare(lm, plays_dir, '--out', out, '--vocab_size', 400, cwd=tmp_path).finish()
+    assert r.returncode == 0, r
+    assert not list(out.glob('.prepare-*')) and (out/'train.npy').exists()
+
+def test_prepare_text_without_whitespace(lm, tmp_path):
+    "4 MB with no whitespace at all (one 'word' per file, as for base64 or DNA) trains and encodes in bounded time, losslessly."
+    import random, string
+    text = ''.join(random.Random(0).choices(string.ascii_letters + string.digits, k=4_000_000))
+    (tmp_path/'blob.txt').write_text(text)
+    t = time.monotonic()
+    r = _prepare(lm, tmp_path/'blob.txt', '--out', tmp_path/'data', '--vocab_size', 1000, cwd=tmp_path).finish(timeout=600)
+    assert r.returncode == 0, r
+    print(f"4 MB without whitespace prepared in {time.monotonic() - t:.0f} s")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tmp_path/'data'/'tokenizer.json'))
+    ids = np.load(tmp_path/'data'/'train.npy').tolist() + np.load(tmp_path/'data'/'val.npy').tolist()
+    assert tok.decode(ids, skip_special_tokens=False) == text + '<|endoftext|>'

@@ -50,7 +50,8 @@ class TrainStep:
         self.model, self.optimizer, self.accum, self.grad_clip, self.loss_chunk, self.fsdp = model, optimizer, accum, grad_clip, loss_chunk, fsdp
         self.device = next(model.parameters()).device
         ddp = dist.is_initialized() and not fsdp
-        self.wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == 'cuda' else None) if ddp else model
+        self.wrapped = torch.nn.parallel.DistributedDataParallel(   # the only buffers are RoPE's constant tables: nothing to broadcast
+            model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, broadcast_buffers=False) if ddp else model
         self.forward = torch.compile(self.wrapped) if compile else self.wrapped
         self.ctx = autocast_context(self.device, dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == 'float16')

@@ -4,11 +4,14 @@
 
 # %% ../nbs/11_bench.ipynb #a6316642
 from __future__ import annotations
-import inspect, json, subprocess, sys, time, tempfile
+import inspect, json, math, statistics, subprocess, sys, time, tempfile
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from fastcore.meta import delegates
 from .core import LMBasicsError, cli_errors, resolve_device, CLIParser
 from .data import get_batch, open_tokens, peak_rss_mb
@@ -19,8 +22,93 @@ from .runtime import peak_flops, matmul_probe
 from .train import TrainStep
 
 # %% auto #0
-__all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'FixedBatch', 'bench_train_step', 'profile_train_step',
-           'bench_sampling', 'run_isolated', 'main']
+__all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'ReferenceAttention', 'ReferenceMLP', 'ReferenceBlock', 'ReferenceGPT',
+           'reference_step', 'FixedBatch', 'bench_train_step', 'profile_train_step', 'bench_sampling', 'run_isolated',
+           'main']
+
+# %% ../nbs/11_bench.ipynb #b7e1c0a2
+class ReferenceAttention(nn.Module):
+    "nanoGPT's causal self-attention: one `c_attn` projection (with bias) to q, k, v; `F.scaled_dot_product_attention`; `c_proj`."
+    def __init__(self, d_model:int, num_heads:int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.c_attn, self.c_proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+    def forward(self, x):  # (B, T, d)
+        B, T, d = x.shape
+        q, k, v = self.c_attn(x).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)                                     # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, d))                                # (B, T, d)
+
+class ReferenceMLP(nn.Module):
+    "GPT-2's feed-forward: `c_proj(GELU(c_fc x))`, with biases."
+    def __init__(self, d_model:int, d_ff:int):
+        super().__init__()
+        self.c_fc, self.gelu, self.c_proj = nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model)
+    def forward(self, x): return self.c_proj(self.gelu(self.c_fc(x)))
+
+class ReferenceBlock(nn.Module):
+    "GPT-2's pre-norm block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, LayerNorm with bias."
+    def __init__(self, d_model:int, num_heads:int, d_ff:int):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(d_model), ReferenceAttention(d_model, num_heads)
+        self.ln_2, self.mlp = nn.LayerNorm(d_model), ReferenceMLP(d_model, d_ff)
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+class ReferenceGPT(nn.Module):
+    "GPT-2 as the minimal trainers write it: learned positions, LayerNorm blocks, a GELU MLP, cross-entropy over the full logits."
+    def __init__(self, vocab_size:int, context_length:int, d_model:int, num_layers:int, num_heads:int,
+                 d_ff:int|None=None, # MLP width; unset: 4 d_model
+                 tie_embeddings:bool=False, # share the token embedding with the LM head, as nanoGPT does
+                ):
+        super().__init__()
+        d_ff = d_ff or 4 * d_model
+        self.config = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model, num_layers=num_layers,
+                           num_heads=num_heads, d_ff=d_ff, tie_embeddings=tie_embeddings)
+        self.wte, self.wpe = nn.Embedding(vocab_size, d_model), nn.Embedding(context_length, d_model)
+        self.h = nn.ModuleList([ReferenceBlock(d_model, num_heads, d_ff) for _ in range(num_layers)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings: self.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():   # GPT-2's initialisation; LayerNorm gains stay 1
+            if name.endswith('bias'): nn.init.zeros_(p)
+            elif p.dim() == 2: nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith('c_proj.weight') else 0.02)
+    def forward(self, idx, targets):  # (B, T) ids and next ids -> mean cross-entropy
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, d)
+        for block in self.h: x = block(x)
+        logits = self.lm_head(self.ln_f(x))                                 # (B, T, V), all of them at once
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def count_parameters(self) -> dict:
+        "Total parameters, and those that do matmuls (all but the two embedding lookups; a tied matrix is the head's)."
+        total = sum(p.numel() for p in self.parameters())   # a tied matrix is yielded once
+        lookups = self.wpe.weight.numel() + (0 if self.config['tie_embeddings'] else self.wte.weight.numel())
+        return dict(total=total, non_embedding=total - lookups)
+
+def reference_step(model:ReferenceGPT, # the model, on its device
+                   compile:bool=False, # run the forward and backward through `torch.compile(model)`
+                   dtype:str='float32', # float32, bfloat16 or float16 (autocast; float16 with a gradient scaler)
+                  ):
+    "nanoGPT's training step for `model`: a function `step(x, y) -> loss` that takes one AdamW step."
+    dev = next(model.parameters()).device
+    decay, rest = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)], lr=6e-4, betas=(0.9, 0.95),
+                            **(dict(fused=True) if dev.type == 'cuda' else dict(foreach=True)))
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == 'float16')
+    forward = torch.compile(model) if compile else model
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=getattr(torch, dtype))
+    def step(x, y):
+        with ctx: loss = forward(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt); scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
 
 # %% ../nbs/11_bench.ipynb #3e576d4c
 class FixedBatch:
@@ -29,15 +117,21 @@ class FixedBatch:
     def next(self): return self.batch
     def prefetch(self): pass
 
-def _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device):
-    "A model and a fixed random batch; return `(model, step)`, `step()` being the trainer's `TrainStep` on that batch."
+def _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device, reference=False):
+    "A model and a fixed random batch; return `(model, step)`, `step()` being the trainer's `TrainStep` (or `reference_step`) on that batch."
     dev = resolve_device(device)
     d_ff = d_ff or int(8 * d_model / 3 + 7) // 8 * 8
+    g = torch.Generator().manual_seed(1)   # the same batch for every variant
+    x, y = (torch.randint(vocab_size, (batch_size, context_length), generator=g).to(dev) for _ in range(2))
     torch.manual_seed(0)
-    if dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the trainer does
+    if dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the trainer does (and nanoGPT)
+    if reference:   # its own MLP width (4 d_model): d_ff is SwiGLU's
+        model = ReferenceGPT(vocab_size, context_length, d_model, num_layers, num_heads).to(dev)
+        step = reference_step(model, compile, dtype)
+        return model, lambda: step(x, y)
     model = TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff).to(dev)
     step = TrainStep(model, make_optimizer(model, device_type=dev.type), dtype=dtype, loss_chunk=loss_chunk, compile=compile)
-    batch = FixedBatch(torch.randint(vocab_size, (batch_size, context_length), device=dev), torch.randint(vocab_size, (batch_size, context_length), device=dev))
+    batch = FixedBatch(x, y)
     return model, lambda: step(batch, check=dev.type == 'cpu').loss   # the trainer checks every step on the CPU (free there)
 
 def _sync(device):
@@ -57,11 +151,12 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
                      warmup:int=2, # untimed steps first (compilation happens here)
                      device:str='cpu', # device to run on: cpu, cuda, cuda:N or mps
                      peak:float|None=None, # peak FLOP/s for MFU; unset: peak_flops(device), on a CPU probed around the timed steps
+                     reference:bool=False, # time `reference_step` on a `ReferenceGPT` of these shapes instead of the trainer's step
                     ) -> dict:
     "Time full training steps of one configuration; return tokens/sec, ms/step, MFU and peak memory."
     dev = resolve_device(device)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-    model, step = _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device)
+    model, step = _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device, reference)
     probe = peak is None and dev.type == 'cpu'   # a shared or throttled CPU changes speed: probe it next to the timed steps
     if peak is None: peak = peak_flops(dev, dtype)[0]
     t = time.perf_counter()
@@ -73,10 +168,11 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     loss.item(); _sync(dev)
     dt = (time.perf_counter() - t) / steps
     if probe: peak = max(peak, matmul_probe())
-    n = count_parameters(model)
+    n = model.count_parameters() if reference else count_parameters(model)
     tps = batch_size * context_length / dt
     mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
-    return dict(compile=compile, dtype=dtype, loss_chunk=loss_chunk, tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
+    return dict(model='reference' if reference else 'lm_basics', compile=compile, dtype=dtype, loss_chunk=None if reference else loss_chunk,
+                tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
                 mfu=tps * flops_per_token(model.config, n['non_embedding']) / peak if peak else float('nan'),
                 peak_mem_mb=mem, params=n['total'], peak_flops=peak)
 
@@ -113,7 +209,7 @@ def profile_train_step(steps:int=2, # profiled steps
     total = sum(o['ms'] for o in ops)
     share = {k: sum(o['ms'] for o in ops if o['kind'] == k) / total for k in ('matmul', 'attention', 'other')}
     mm_ms, mm_flops = sum(o['ms'] for o in ops if o['kind'] == 'matmul'), sum(o['flops'] for o in ops if o['kind'] == 'matmul')
-    return dict(compile=cfg['compile'], dtype=cfg['dtype'], step_ms=total, share=share,
+    return dict(model='reference' if cfg['reference'] else 'lm_basics', compile=cfg['compile'], dtype=cfg['dtype'], step_ms=total, share=share,
                 matmul_flops_per_sec=mm_flops / (mm_ms / 1e3) if mm_ms else float('nan'),
                 top=[{**o, 'share': o['ms'] / total} for o in ops[:top]])
 
@@ -149,15 +245,19 @@ def run_isolated(func:str, # name of a function of this module: 'bench_train_ste
 BENCH_FLAGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'batch_size', 'loss_chunk', 'steps', 'warmup', 'device')
 MODES, DTYPES = ('eager', 'compiled'), ('float32', 'bfloat16', 'float16')
 
+def _name(r:dict) -> str:
+    "A result's variant as the tables write it: `eager float32`, or `reference compiled float32` for the reference step."
+    return ('reference ' if r.get('model') == 'reference' else '') + f"{'compiled' if r['compile'] else 'eager'} {r['dtype']}"
+
 def _table(rows:list[dict]) -> str:
     head = ("| variant | tokens/sec | ms/step | MFU | peak (GFLOP/s) | peak memory (MiB) | warm-up (s) |\n"
             "|---|---:|---:|---:|---:|---:|---:|\n")
-    return head + ''.join(f"| {'compiled' if r['compile'] else 'eager'} {r['dtype']} | {r['tokens_per_sec']:,.0f} | {r['ms_per_step']:.0f} | "
+    return head + ''.join(f"| {_name(r)} | {r['tokens_per_sec']:,.0f} | {r['ms_per_step']:.0f} | "
                           f"{r['mfu'] * 100:.1f}% | {r['peak_flops'] / 1e9:,.1f} | {r['peak_mem_mb']:,.0f} | {r['warmup_s']:.1f} |\n" for r in rows)
 
 def _profile_text(pr:dict, peak:float) -> str:
     s = pr['share']
-    head = (f"\nProfile of one {'compiled' if pr['compile'] else 'eager'} {pr['dtype']} step ({pr['step_ms']:.0f} ms of operator time): "
+    head = (f"\nProfile of one {_name(pr)} step ({pr['step_ms']:.0f} ms of operator time): "
             f"matmul {s['matmul'] * 100:.0f}%, attention {s['attention'] * 100:.0f}%, other {s['other'] * 100:.0f}%; "
             f"the matmuls run at {pr['matmul_flops_per_sec'] / 1e9:,.1f} GFLOP/s"
             + (f" ({pr['matmul_flops_per_sec'] / peak * 100:.0f}% of the probe)" if peak else '') + "\n\n")
@@ -175,6 +275,31 @@ def _variants(spec:str, device:torch.device) -> list[tuple[str, str]]:
         out.append((mode, dtype))
     return out
 
+def _side_by_side(rows:list[dict]) -> tuple[str, dict]:
+    "The reference beside lm_basics, variant by variant (means over the rounds, and each round's ratio), and compiled lm_basics against the eager reference."
+    by = {}
+    for r in rows: by.setdefault((r['compile'], r['dtype']), {}).setdefault(r['model'], []).append(r)
+    mean = lambda rs, k: statistics.fmean(r[k] for r in rs)
+    def ratio(ours, ref):   # of the means, and round by round (the two ran next to each other)
+        return mean(ours, 'tokens_per_sec') / mean(ref, 'tokens_per_sec'), [o['tokens_per_sec'] / f['tokens_per_sec'] for o, f in zip(ours, ref)]
+    side, cross = [], []
+    for (compile, dtype), m in by.items():
+        if not ('reference' in m and 'lm_basics' in m): continue
+        q, per = ratio(m['lm_basics'], m['reference'])
+        side.append(dict(variant=_name(dict(compile=compile, dtype=dtype)), reference_tokens_per_sec=mean(m['reference'], 'tokens_per_sec'),
+                         lm_basics_tokens_per_sec=mean(m['lm_basics'], 'tokens_per_sec'), ratio=q, per_round=per,
+                         reference_mfu=mean(m['reference'], 'mfu'), lm_basics_mfu=mean(m['lm_basics'], 'mfu')))
+        if compile and 'reference' in by.get((False, dtype), {}):   # a long run's step (compiled) against the plain step (eager)
+            q, per = ratio(m['lm_basics'], by[(False, dtype)]['reference'])
+            cross.append(dict(ours=f"compiled {dtype}", reference=f"eager {dtype}", ratio=q, per_round=per))
+    text = ("| variant | reference tokens/sec | lm_basics tokens/sec | lm_basics / reference | each round | reference MFU | lm_basics MFU |\n"
+            "|---|---:|---:|---:|---|---:|---:|\n" + ''.join(
+            f"| {s['variant']} | {s['reference_tokens_per_sec']:,.0f} | {s['lm_basics_tokens_per_sec']:,.0f} | {s['ratio']:.2f}x | "
+            f"{', '.join(f'{x:.2f}x' for x in s['per_round'])} | {s['reference_mfu'] * 100:.1f}% | {s['lm_basics_mfu'] * 100:.1f}% |\n" for s in side)
+            + ''.join(f"\nlm_basics {c['ours']} / reference {c['reference']}: {c['ratio']:.2f}x (each round: {', '.join(f'{x:.2f}x' for x in c['per_round'])})\n"
+                      for c in cross))
+    return text, dict(side_by_side=side, compiled_vs_reference_eager=cross)
+
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_bench`."
@@ -182,7 +307,11 @@ def main(argv:list[str]|None=None):
                                                        "each variant in its own process, and optionally profile a step.")
     p.add_flags(bench_train_step, list(BENCH_FLAGS))
     p.add_argument('--variants', default='eager:float32,compiled:float32,eager:bfloat16,compiled:bfloat16',
-                   help='comma-separated MODE:DTYPE, MODE eager|compiled, DTYPE float32|bfloat16|float16 (default: all four CPU ones)')
+                   help='comma-separated MODE:DTYPE, MODE eager|compiled, DTYPE float32|bfloat16|float16 '
+                        '(default: all four CPU ones; with --baseline: eager:float32,compiled:float32)')
+    p.add_argument('--baseline', action='store_true', help="also time a plain reference step (ReferenceGPT, nanoGPT's step) of the same "
+                   "shapes, alternately with lm_basics' own, and print the two side by side")
+    p.add_argument('--rounds', type=int, default=2, help="with --baseline: how often each pair runs, alternating which goes first (default: 2)")
     p.add_argument('--profile', action='store_true', help='also profile one step of each variant and list its top operators')
     p.add_argument('--out', default='bench_results', help='results go to OUT.md and OUT.json (default: bench_results)')
     p.add_argument('--config', metavar='FILE.json', help="benchmark the model and batch of this training config (flags given here override it)")
@@ -192,25 +321,33 @@ def main(argv:list[str]|None=None):
         train_cfg = asdict(TrainConfig(**load_config_file(a['config'])))
         cfg.update({k: train_cfg[k] for k in BENCH_FLAGS if k in train_cfg and k not in given})
     dev = resolve_device(cfg['device'])
-    variants = _variants(a['variants'], dev)
+    variants = _variants(a['variants'] if 'variants' in given or not a['baseline'] else 'eager:float32,compiled:float32', dev)
+    if a['rounds'] < 1: raise LMBasicsError(f"--rounds must be at least 1, got {a['rounds']}")
+    # (round, model, mode, dtype): with --baseline, the reference and lm_basics next to each other, the first of a pair alternating by round
+    runs = ([(i, ref, mode, dtype) for i in range(a['rounds']) for mode, dtype in variants for ref in ((True, False) if i % 2 == 0 else (False, True))]
+            if a['baseline'] else [(0, False, mode, dtype) for mode, dtype in variants])
     peak, src = peak_flops(dev, 'float32')
     print(f"device {dev} | {torch.get_num_threads()} threads | peak {peak / 1e9:,.1f} GFLOP/s ({src}) | torch {torch.__version__}", flush=True)
     rows, profiles = [], []
-    for mode, dtype in variants:
-        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype)   # its own peak: probe or datasheet
-        rows.append(r); print(f"{mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  {r['ms_per_step']:7.0f} ms/step  "
-                              f"MFU {r['mfu'] * 100:5.1f}% of {r['peak_flops'] / 1e9:,.1f} GFLOP/s  peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
-        if a['profile']:
+    for i, ref, mode, dtype in runs:
+        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)   # its own peak: probe or datasheet
+        rows.append(dict(r, round=i))
+        print(f"{'reference' if ref else 'lm_basics':9s} {mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  {r['ms_per_step']:7.0f} ms/step  "
+              f"MFU {r['mfu'] * 100:5.1f}% of {r['peak_flops'] / 1e9:,.1f} GFLOP/s  peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
+        if a['profile'] and i == 0:
             prof_cfg = {k: v for k, v in cfg.items() if k not in ('steps', 'warmup')}
-            profiles.append(run_isolated('profile_train_step', **prof_cfg, compile=mode == 'compiled', dtype=dtype))
+            profiles.append((r, run_isolated('profile_train_step', **prof_cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)))
     s = bench_sampling(cfg['batch_size'], cfg['context_length'])
-    text = (f"Configuration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} threads, peak {peak / 1e9:,.1f} GFLOP/s ({src}), torch {torch.__version__}\n\n"
+    side_text, side = _side_by_side(rows) if a['baseline'] else ('', {})
+    command = 'lm_basics_bench ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    text = (f"Command: `{command.strip()}`\n\nConfiguration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} threads, peak {peak / 1e9:,.1f} GFLOP/s ({src}), torch {torch.__version__}\n\n"
+            + (f"lm_basics beside the reference step, {a['rounds']} alternating round(s):\n\n" + side_text + "\nEvery run:\n\n" if a['baseline'] else '')
             + _table(rows) + f"\nBatch sampling (get_batch from a 50M-token memmap): {s['batches_per_sec']:,.0f} batches/s, {s['tokens_per_sec']:,.0f} tokens/s\n"
-            + ''.join(_profile_text(pr, r['peak_flops']) for pr, r in zip(profiles, rows)))
+            + ''.join(_profile_text(pr, r['peak_flops']) for r, pr in profiles))
     print('\n' + text)
     try:
         Path(a['out'] + '.md').write_text(text)
-        Path(a['out'] + '.json').write_text(json.dumps(dict(config=cfg, peak_flops=peak, peak_source=src, rows=rows, sampling=s,
-                                                            profiles=profiles), indent=2))
+        Path(a['out'] + '.json').write_text(json.dumps(dict(command=command.strip(), config=cfg, peak_flops=peak, peak_source=src, rows=rows, sampling=s,
+                                                            profiles=[pr for _, pr in profiles], **side), indent=2))
     except OSError as e: raise LMBasicsError(f"cannot write {a['out']}.md ({e.strerror}); choose another --out") from None
     print(f"wrote {a['out']}.md and {a['out']}.json")

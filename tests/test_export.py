@@ -239,3 +239,14 @@ def test_errors(models, lm, tmp_path, case):
     r.error(want)   # exit 2, one `error:` line holding `want`, no traceback
     assert r.stdout == '', r
     assert lm.snapshot(tmp_path) == before   # nothing written, nothing left behind, an existing directory untouched
+
+
+def test_readme_code_runs(models, tf):
+    "The README's export command is the one used here, and its three lines of transformers code load and sample from an export."
+    readme = (Path(__file__).resolve().parents[1]/'README.md').read_text()
+    assert 'lm_basics_export --checkpoint runs/mycorpus --out hf/mycorpus' in readme
+    code = next(c for c in re.findall(r'```python\n(.*?)```', readme, re.S) if 'from transformers import' in c)
+    assert len(code.strip().splitlines()) == 3
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf): exec(code.replace('hf/mycorpus', str(models['bpe'].out)), {})
+    assert buf.getvalue().startswith('Once upon a time') and len(buf.getvalue()) > len('Once upon a time') + 10, buf.getvalue()

@@ -21,7 +21,7 @@ __all__ = ['BASE', 'RECIPES', 'recipe_model', 'step_seconds', 'train_recipe', 'm
 
 # %% ../nbs/14_recipes.ipynb #3e576d4c
 BASE = dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344, batch_size=16, lr=3e-3, min_lr=3e-4,
-            weight_decay=0.1, eval_iters=20, device='cpu')
+            weight_decay=0.1, eval_iters=10, device='cpu')
 
 RECIPES = {
     'adamw + cosine': {},   # the trainer's default recipe: the baseline
@@ -78,7 +78,7 @@ def train_recipe(base:dict, # the base configuration
     "Train a recipe for `seconds` of its own steps (a process of its own); return its curve and final losses."
     iters = max(10, round(seconds / step_s))
     cfg = {**base, **recipe, 'vocab_size': vocab_size, 'max_iters': iters, 'lr_decay_iters': iters, 'warmup_iters': max(1, iters // 20),
-           'eval_interval': max(1, iters // 10), 'log_interval': max(1, iters // 10), 'checkpoint_interval': iters, 'seed': seed,
+           'eval_interval': max(1, iters // 6), 'log_interval': max(1, iters // 6), 'checkpoint_interval': iters, 'seed': seed,
            'checkpoint_dir': str(run_dir), 'plot': False}
     flags = [a for k, v in cfg.items() for a in ((f'--{k}' if v else f'--no-{k}',) if isinstance(v, bool) else (f'--{k}', str(v)))]
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -113,8 +113,9 @@ def moby_dick(vocab_size:int=1024) -> Path:
 def compare_recipes(corpora:dict, # name -> (data flags, vocab_size)
                     recipes:dict=RECIPES, # name -> settings; the first is the baseline
                     seeds=(0, 1, 2), # seeds of each recipe
-                    seconds:float=120, # the budget T
+                    seconds:float=90, # the budget T
                     fractions=(1.0, 0.7), # budgets as fractions of T (the baseline runs at 1.0 only)
+                    short:tuple|None=None, # the recipes that also run at the fractions below 1 (default: all but the baseline)
                     base:dict=BASE, # the base configuration
                     root:str|Path|None=None, # where the runs go (default: a temporary directory)
                     workers:int=2, # runs at a time
@@ -124,7 +125,8 @@ def compare_recipes(corpora:dict, # name -> (data flags, vocab_size)
     root = Path(root or tempfile.mkdtemp(prefix='recipes_'))
     speed = {c: step_seconds(base, recipes, vocab) for c, (_, vocab) in corpora.items()}
     baseline = next(iter(recipes))
-    jobs = [(c, r, s, f) for c in corpora for r in recipes for f in fractions for s in seeds if f == 1.0 or r != baseline]
+    short = [r for r in recipes if r != baseline] if short is None else short
+    jobs = [(c, r, s, f) for c in corpora for r in recipes for f in fractions for s in seeds if f == 1.0 or r in short]
     def one(job):
         c, r, s, f = job
         data, vocab = corpora[c]

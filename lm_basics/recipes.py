@@ -149,7 +149,7 @@ def recipe_table(rows:list[dict], baseline:str='adamw + cosine') -> str:
             reach = [r['val_loss'] <= base_T[r['seed']] for r in short if r['seed'] in base_T]
             out.append(f"| {c} | {name} | {T[0]['step_s'] * 1000:.0f} | {T[0]['iters']:,} | {T[0]['tokens']:,} | {_ms([r['val_loss'] for r in T])} | "
                        f"{_ms(bpb) if bpb else '-'} | {_ms([r['val_loss'] for r in short]) if short else '-'} | "
-                       f"{f'{sum(reach)} of {len(reach)} seeds' if short else '(baseline)'} |")
+                       f"{f'{sum(reach)} of {len(reach)} seeds' if short else ('(the baseline)' if name == baseline else '(not run)')} |")
     return '\n'.join(out)
 
 def plot_recipes(rows:list[dict], out:str|Path|None=None):
@@ -158,12 +158,15 @@ def plot_recipes(rows:list[dict], out:str|Path|None=None):
     corpora = list(dict.fromkeys(r['corpus'] for r in rows))
     fig = Figure(figsize=(6 * len(corpora), 4.2), layout='constrained')
     for ax, c in zip(np.atleast_1d(fig.subplots(1, len(corpora))), corpora):
+        lo, hi = math.inf, -math.inf   # the range of the curves from their first evaluation after the start: where they differ
         for i, name in enumerate(dict.fromkeys(r['recipe'] for r in rows)):
             runs = [r for r in rows if (r['corpus'], r['recipe'], r['fraction']) == (c, name, 1.0)]
             xs = np.array([it * runs[0]['step_s'] for it, _ in runs[0]['curve']])
             ys = np.mean([[v for _, v in r['curve']] for r in runs], axis=0)
             ax.plot(xs, ys, marker='o', ms=3, color=f'C{i}', label=name)
-        ax.set(title=c, xlabel='wall-clock (s, at each recipe\'s measured speed)', ylabel='validation loss', yscale='log')
+            lo, hi = min(lo, ys.min()), max(hi, ys[1])
+        ax.set(title=c, xlabel='wall-clock (s, at each recipe\'s measured speed)', ylabel='validation loss (nats per token)',
+               ylim=(lo - 0.02 * (hi - lo), hi + 0.05 * (hi - lo)))
         ax.grid(alpha=0.3); ax.legend(fontsize=8)
     if out: fig.savefig(out, dpi=100)
     return fig

@@ -16,6 +16,21 @@ __all__ = ['FEED_FORWARDS', 'ACTIVATIONS', 'MAX_SIZE', 'MAX_VOCAB', 'MODEL_ARGS'
            'chunked_cross_entropy', 'count_parameters', 'flops_per_token']
 
 # %% ../nbs/02_model.ipynb #fb64eb10
+class _RMSNormFunction(torch.autograd.Function):
+    "`x / rms(x) * weight` over the last dimension, with its gradient written out (float32 in, float32 out)."
+    @staticmethod
+    def forward(ctx, x, weight, eps):   # x (..., d), weight (d,)
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1): 1/rms
+        ctx.save_for_backward(x, weight, r)
+        return (x * r).mul_(weight)
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        xhat, gw = x * r, grad * weight                                   # the normalised input; the gradient before the gain
+        dw = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        dot = torch.linalg.vecdot(gw, xhat).unsqueeze(-1)                # (..., 1)
+        return torch.addcmul(gw, xhat, dot, value=-1 / x.shape[-1]).mul_(r), dw, None
+
 class RMSNorm(nn.Module):
     "Root-mean-square layer norm with a learned gain, computed in float32."
     def __init__(self, d_model:int, # size of the last dimension
@@ -24,9 +39,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d_model))
     def forward(self, x):  # (..., d) -> (..., d)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        if torch.compiler.is_compiling(): return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return _RMSNormFunction.apply(x.float(), self.weight.float(), self.eps).to(x.dtype)
 
 # %% ../nbs/02_model.ipynb #a81e93b6
+def _as_pairs(x):  # (..., hs) -> (..., hs/2, 2), in memory `view_as_complex` accepts (a copy only where it must)
+    p = x.unflatten(-1, (-1, 2))
+    ok = p.stride(-1) == 1 and p.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in p.stride()[:-1])
+    return p if ok else p.contiguous()
+
 class RotaryEmbedding(nn.Module):
     "Rotate pairs of features of queries and keys by position-dependent angles."
     def __init__(self, head_dim:int, # features per head (even)
@@ -44,9 +65,13 @@ class RotaryEmbedding(nn.Module):
                ):
         T = x.shape[-2]
         cos, sin = (self.cos[:T], self.sin[:T]) if positions is None else (self.cos[positions], self.sin[positions])  # (T, hs/2)
-        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)   # (..., T, hs/2) each
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., T, hs/2, 2)
-        return out.flatten(-2).to(x.dtype)
+        dtype, x = x.dtype, x.float()   # (no copy in float32)
+        if torch.compiler.is_compiling() or x.device.type not in ('cpu', 'cuda'):   # Inductor fuses the plain form into one kernel
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                             # (..., T, hs/2) each
+            out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)   # (..., T, hs/2, 2)
+        else:   # eager: each pair is a complex number, its rotation one complex product (one pass, no stack)
+            out = torch.view_as_real(torch.view_as_complex(_as_pairs(x)) * torch.complex(cos, sin))  # (..., T, hs/2, 2)
+        return out.flatten(-2).to(dtype)
 
 # %% ../nbs/02_model.ipynb #d8f659b0
 class CausalSelfAttention(nn.Module):
@@ -225,7 +250,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     "Mean cross-entropy of `h @ weight.T` against `targets`, computed (with its gradients) a chunk of rows at a time."
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, grad_enabled):  # h (N, d), weight (V, d), targets (N,)
-        N = h.shape[0]
+        N, V = h.shape[0], weight.shape[0]
         # `needs_input_grad` stays True under torch.no_grad (evaluation): the caller's grad mode says whether to compute gradients
         need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         dev = weight.device.type   # autocast stays on in here: cast the weight to its dtype once, not in every chunk's matmuls
@@ -233,26 +258,36 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # one (chunk, V) buffer for the logits and one for their log-softmax, reused by every chunk: a fresh tensor of that size
+        # (40 MB for 1024 rows of a 10,000-token vocabulary) is a fresh mapping whose pages fault in on every use; Inductor plans its own
+        reuse = not torch.compiler.is_compiling()
+        if reuse:
+            zbuf = torch.empty(min(chunk, N), V, dtype=w.dtype, device=h.device)
+            lbuf = torch.empty(min(chunk, N), V, dtype=torch.float32, device=h.device)
         for s in range(0, N, chunk):
-            hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            z = (hc @ w.t()).float()                                   # (n, V)
-            logp = torch.log_softmax(z, dim=-1); del z                 # one fused pass over the logits
+            hc, tc = h[s:s + chunk].to(w.dtype), targets[s:s + chunk]   # (n, d), (n,)
+            n = len(tc)
+            if reuse: logp = torch.log_softmax(torch.mm(hc, w.t(), out=zbuf[:n]), -1, dtype=torch.float32, out=lbuf[:n])   # (n, V)
+            else: logp = torch.log_softmax((hc @ w.t()).float(), dim=-1)   # one fused pass over the logits
             total -= logp.gather(1, tc[:, None]).sum()
             if need_h or need_w:
                 g = logp.exp_()                                        # softmax, in place of the log-probabilities
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                g = g.div_(N).to(h.dtype)                              # dL/dz for these rows
-                if need_h: grad_h[s:s + chunk] = g @ w                    # (n, d)
-                if need_w: grad_w += (g.t() @ hc).float()              # (V, d)
+                g[torch.arange(n, device=g.device), tc] -= 1.0          # N·dL/dz for these rows (the 1/N joins grad_out in backward)
+                g = g.to(w.dtype)
+                if need_h: grad_h[s:s + chunk] = g @ w                 # (n, d)
+                if need_w:
+                    if g.dtype == grad_w.dtype: grad_w.addmm_(g.t(), hc)   # (V, d), accumulated in place
+                    else: grad_w += (g.t() @ hc).float()
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
-        ctx.w_dtype = weight.dtype
+        ctx.w_dtype, ctx.N = weight.dtype, N
         return total / N
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out if grad_h is not None else None,
-                (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None, None, None, None)
+        scale = grad_out / ctx.N
+        return (grad_h * scale if grad_h is not None else None,
+                (grad_w * scale).to(ctx.w_dtype) if grad_w is not None else None, None, None, None)
 
 def chunked_cross_entropy(h, # (N, d) final hidden states
                           weight, # (V, d) LM-head matrix

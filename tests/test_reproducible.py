@@ -7,14 +7,14 @@ LOSS_KEYS = ('train/loss', 'train/learning_rate', 'train/grad_norm', 'eval/train
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, corpus, lm):
-    "Three runs on raw .ids files: seed 42 twice, seed 7 once, each in its own directory."
-    out = {}
-    for name, seed in (('a', 42), ('b', 42), ('c', 7)):
+    "Three runs on raw .ids files, side by side (at the same time, so they share nothing but the code): seed 42 twice, seed 7 once."
+    def one(name_seed):
+        name, seed = name_seed
         d = tmp_path_factory.mktemp(f'seed_{name}')
-        run = lm.run('--train_data_path', corpus.path('train', 'ids'), '--val_data_path', corpus.path('val', 'ids'),
-                     *lm.tiny_flags(vocab_size=256, lr=3e-3, min_lr=3e-4), '--seed', seed, '--checkpoint_dir', d/'ck', cwd=d).ok()
-        out[name] = (d/'ck', lm.read_metrics(d/'ck'/'metrics.jsonl'))
-    return out
+        lm.run('--train_data_path', corpus.path('train', 'ids'), '--val_data_path', corpus.path('val', 'ids'),
+               *lm.tiny_flags(vocab_size=256, lr=3e-3, min_lr=3e-4), '--seed', seed, '--no-plot', '--checkpoint_dir', d/'ck', cwd=d).ok()
+        return name, (d/'ck', lm.read_metrics(d/'ck'/'metrics.jsonl'))
+    return dict(lm.in_parallel(one, [('a', 42), ('b', 42), ('c', 7)], workers=3))
 
 def curve(records, keys=LOSS_KEYS):
     return [(r['iter'], k, r[k]) for r in records for k in keys if k in r]

@@ -1,6 +1,9 @@
-"""The speed paths of issue #5, exercised as far as a CPU allows, on the Shakespeare plays (bytes):
+"""The speed paths, exercised as far as a CPU allows, on the Shakespeare plays (bytes):
 `--compile` (torch.compile, Inductor's CPU backend), `--dtype bfloat16` (autocast), the per-device defaults, and
-`lm_basics_bench` from its command line (each variant in its own process, the profile, the results files, bad input).
+`lm_basics_bench` from its command line (each variant in its own process, the profile, the results files, bad input,
+the reference step beside lm_basics' own). The `test_cuda_*` tests exercise the GPU paths (bfloat16 and float16 autocast,
+the gradient scaler, fused AdamW, pinned batches, compile, the peak table, NCCL DDP) and skip without a CUDA GPU;
+`tools/gpu_check.sh` runs them on one.
 
 These assert behaviour (the compiled model trains the same numbers as the eager one; a compiled run's checkpoint
 resumes without compiling), not speed: the speed figures come from `lm_basics_bench` and are quoted in the README.
@@ -155,3 +158,160 @@ def test_gradient_accumulation_is_one_large_batch(tmp_path, corpus, lm):
     lm.run('--resume_from', tmp_path/'acc'/'checkpoint_iter_6.pt', '--checkpoint_dir', tmp_path/'res', cwd=tmp_path).ok()
     wr = lm.load_checkpoint(tmp_path/'res'/'checkpoint_iter_12.pt')['model_state_dict']
     for k in wa: torch.testing.assert_close(wr[k], wa[k], atol=0, rtol=0, msg=k)
+
+
+def test_bench_baseline_runs_the_reference_beside_lm_basics(tmp_path):
+    "`--baseline`: the plain reference step and the trainer's, alternately, each in its own process, then side by side."
+    p = bench(*TINY_BENCH, '--baseline', '--rounds', '2', '--variants', 'eager:float32', '--out', tmp_path/'res', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path/'res.json').read_text())
+    # round 0: the reference first; round 1: lm_basics first (so that a machine getting slower or faster favours neither)
+    assert [(r['round'], r['model']) for r in res['rows']] == [(0, 'reference'), (0, 'lm_basics'), (1, 'lm_basics'), (1, 'reference')]
+    ref, ours = ([r for r in res['rows'] if r['model'] == m] for m in ('reference', 'lm_basics'))
+    assert ref[0]['params'] != ours[0]['params'] and abs(ref[0]['params'] / ours[0]['params'] - 1) < 0.1   # same shapes, own layers
+    [side] = res['side_by_side']
+    assert side['variant'] == 'eager float32' and len(side['per_round']) == 2
+    assert side['ratio'] == pytest.approx(sum(r['tokens_per_sec'] for r in ours) / sum(r['tokens_per_sec'] for r in ref))
+    assert side['per_round'] == pytest.approx([ours[0]['tokens_per_sec'] / ref[0]['tokens_per_sec'], ours[1]['tokens_per_sec'] / ref[1]['tokens_per_sec']])
+    md = (tmp_path/'res.md').read_text()
+    assert md.startswith('Command: `lm_basics_bench ') and '--baseline' in md.splitlines()[0]
+    assert '| eager float32 |' in md and '| reference eager float32 |' in md and 'lm_basics / reference' in md
+    bad = bench(*TINY_BENCH, '--baseline', '--rounds', '0', '--out', tmp_path/'bad', cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith('error: --rounds must be at least 1'), bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA paths
+# Run on a machine with a GPU by tools/gpu_check.sh (`pytest tests/test_speed_paths.py -k cuda`); skipped elsewhere.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two CUDA GPUs')
+
+
+def cuda_tiny(**kw):
+    "A tiny model on the GPU, its trainer's step, and a fixed batch."
+    from lm_basics.model import TransformerLM
+    from lm_basics.optim import make_optimizer
+    from lm_basics.train import TrainStep
+    from lm_basics.bench import FixedBatch
+    torch.manual_seed(0)
+    model = TransformerLM(vocab_size=256, context_length=32, d_model=64, num_layers=2, num_heads=2, d_ff=172).cuda()
+    step = TrainStep(model, make_optimizer(model, lr=3e-3, device_type='cuda'), **kw)
+    g = torch.Generator().manual_seed(0)
+    batch = FixedBatch(*(torch.randint(256, (8, 32), generator=g).cuda() for _ in range(2)))
+    return model, step, batch
+
+
+@needs_cuda
+def test_cuda_bfloat16_run_trains(tmp_path, corpus, lm):
+    "A whole run on the GPU with the CUDA defaults: bfloat16 autocast (`--dtype auto`), float32 weights and checkpoint."
+    data = ['--train_data_path', corpus.path('train', 'npy'), '--val_data_path', corpus.path('val', 'npy'), '--vocab_size', '256']
+    r = lm.run(*data, *lm.tiny_flags(device='cuda', max_iters=30, log_interval=1, lr=3e-3, min_lr=3e-4), '--no-compile',
+               '--checkpoint_dir', tmp_path/'run', cwd=tmp_path).ok()
+    assert 'Compute dtype: bfloat16' in r.stdout and 'Device: cuda' in r.stdout
+    l = losses(lm, tmp_path/'run')
+    assert l[-1] < l[0] - 0.5, l
+    ck = lm.load_checkpoint(tmp_path/'run'/'checkpoint_iter_30.pt')
+    assert {v.dtype for v in ck['model_state_dict'].values()} == {torch.float32}
+
+
+@needs_cuda
+def test_cuda_float16_uses_the_gradient_scaler():
+    "float16 autocast trains through the gradient scaler, and a step whose scaled gradients overflow is skipped, not applied."
+    model, step, batch = cuda_tiny(dtype='float16')
+    assert step.scaler.is_enabled()
+    first = step(batch).loss.item()
+    for _ in range(10): last = step(batch).loss.item()
+    assert last < first - 0.3, (first, last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step.scaler.update(2.0 ** 126)   # a scale that makes the float16 gradients overflow
+    step(batch)
+    assert step.scaler.get_scale() < 2.0 ** 126   # the scaler saw the overflow and backed off ...
+    for k, v in model.state_dict().items(): torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)   # ... and skipped the update
+
+
+@needs_cuda
+def test_cuda_fused_adamw_matches_foreach():
+    "On CUDA `make_optimizer` picks the fused AdamW; its step is the foreach step's."
+    from lm_basics.model import TransformerLM
+    from lm_basics.optim import make_optimizer
+    torch.manual_seed(0)
+    a = TransformerLM(vocab_size=256, context_length=32, d_model=64, num_layers=2, num_heads=2, d_ff=172).cuda()
+    b = TransformerLM(vocab_size=256, context_length=32, d_model=64, num_layers=2, num_heads=2, d_ff=172).cuda()
+    b.load_state_dict(a.state_dict())
+    fused, foreach = make_optimizer(a, lr=1e-2, device_type='cuda'), make_optimizer(b, lr=1e-2, device_type='cpu')
+    assert all(g['fused'] for g in fused.param_groups) and all(g['foreach'] for g in foreach.param_groups)
+    for _ in range(3):
+        for pa, pb in zip(a.parameters(), b.parameters()): pa.grad = pb.grad = torch.randn_like(pa)
+        fused.step(); foreach.step()
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()): torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@needs_cuda
+def test_cuda_batches_are_pinned_copies_of_the_cpu_ones(tmp_path):
+    "`get_batch` to CUDA (one pinned, non-blocking copy) and the prefetcher give the rows the CPU path gives."
+    import numpy as np
+    from lm_basics.data import get_batch, BatchPrefetcher
+    data = np.arange(10_000, dtype=np.uint16)
+    xc, yc = get_batch(data, 4, 16, 'cpu', torch.Generator().manual_seed(3))
+    x, y = get_batch(data, 4, 16, 'cuda', torch.Generator().manual_seed(3))
+    assert x.is_cuda and y.is_cuda and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc) and torch.equal(x[:, 1:], y[:, :-1])
+    pf, g = BatchPrefetcher(data, 4, 16, 'cuda', torch.Generator().manual_seed(5)), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        pf.prefetch()
+        (px, py), (cx, cy) = pf.next(), get_batch(data, 4, 16, 'cpu', g)
+        assert px.is_cuda and torch.equal(px.cpu(), cx) and torch.equal(py.cpu(), cy)
+
+
+@needs_cuda
+def test_cuda_compiled_step_trains_the_same_numbers():
+    "The trainer's step through torch.compile (Inductor's Triton kernels) follows the eager step, in bfloat16."
+    _, eager, batch = cuda_tiny(dtype='bfloat16')
+    _, compiled, _ = cuda_tiny(dtype='bfloat16', compile=True)
+    e = [eager(batch).loss.item() for _ in range(6)]
+    c = [compiled(batch).loss.item() for _ in range(6)]
+    assert e[-1] < e[0] - 0.2, e
+    for a, b in zip(e, c): assert abs(a - b) < 3e-2 * max(1, abs(a)), (e, c)
+
+
+@needs_cuda
+def test_cuda_peak_table_knows_this_gpu():
+    "The datasheet peak of this GPU is in `GPU_PEAK_TFLOPS`, above what a large bfloat16 matmul reaches and not far above it."
+    from lm_basics.runtime import peak_flops
+    dev = torch.device('cuda')
+    peak, src = peak_flops(dev, 'bfloat16')
+    assert peak > 0 and 'datasheet' in src, f"{torch.cuda.get_device_name(dev)} is not in GPU_PEAK_TFLOPS ({src}): add its dense bf16/fp32 peaks"
+    assert peak_flops(dev, 'float32')[0] <= peak
+    a, b = (torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3): a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10): a @ b
+    end.record(); torch.cuda.synchronize()
+    measured = 10 * 2 * 8192**3 / (start.elapsed_time(end) / 1e3)
+    assert 0.3 * peak < measured < 1.1 * peak, (measured / 1e12, peak / 1e12)
+
+
+@needs_cuda
+def test_cuda_bench_runs_on_the_gpu(tmp_path):
+    "lm_basics_bench on the GPU: bfloat16 and float16 (with its scaler), the datasheet peak, the CUDA memory peak."
+    p = bench(*TINY_BENCH, '--device', 'cuda', '--variants', 'eager:bfloat16,eager:float16', '--out', tmp_path/'res', cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((tmp_path/'res.json').read_text())
+    assert 'datasheet' in res['peak_source'] and [r['dtype'] for r in res['rows']] == ['bfloat16', 'float16']
+    for r in res['rows']: assert r['tokens_per_sec'] > 0 and 0 < r['mfu'] < 1 and 0 < r['peak_mem_mb'] < 2000
+
+
+@needs_cuda
+@needs_2_gpus
+def test_cuda_ddp_over_nccl(tmp_path, corpus, lm):
+    "Two processes on two GPUs (torchrun, NCCL): DDP trains, and its losses follow one process with the global batch."
+    torchrun = Path(sys.executable).parent/'torchrun'
+    data = ['--train_data_path', corpus.path('train', 'npy'), '--val_data_path', corpus.path('val', 'npy'), '--vocab_size', '256']
+    flags = data + lm.tiny_flags(device='cuda', max_iters=12, log_interval=3, lr=3e-3, min_lr=3e-4) + ['--no-compile', '--dtype', 'float32']
+    p = subprocess.run([str(torchrun), '--standalone', '--nproc_per_node', '2', '-m', 'lm_basics.train', *map(str, flags),
+                        '--batch_size', '4', '--checkpoint_dir', str(tmp_path/'ddp')], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'x 2 processes' in p.stdout
+    lm.run(*flags, '--batch_size', '8', '--checkpoint_dir', tmp_path/'one', cwd=tmp_path).ok()
+    for a, b in zip(losses(lm, tmp_path/'ddp'), losses(lm, tmp_path/'one')): assert abs(a - b) < 5e-3

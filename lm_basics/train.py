@@ -456,7 +456,12 @@ def decide_compile(cfg:TrainConfig, state:RunState, model, device, dtype:str, ac
         x, y = (torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.context_length), generator=g).to(device) for _ in range(2))
         for i in range(2):
             if i == 1: t0 = time.perf_counter()
-            with autocast_context(device, dtype): model(x, targets=y, loss_chunk=cfg.loss_chunk).backward()
+            try:
+                with autocast_context(device, dtype): model(x, targets=y, loss_chunk=cfg.loss_chunk).backward()
+            except Exception as e:
+                if not is_out_of_memory(e): raise
+                raise LMBasicsError(f"out of memory in the first training step, timed to decide whether to compile ({str(e).splitlines()[0][:120]}); "
+                                    f"lower --batch_size (raise --gradient_accumulation_steps to keep the step), --context_length or the model size") from None
         if device.type == 'cuda': torch.cuda.synchronize()
         secs = (time.perf_counter() - t0) * accum
         model.zero_grad(set_to_none=True)

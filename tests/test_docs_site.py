@@ -124,7 +124,7 @@ def documented_params(obj) -> list[str]:
     return [k for k, v in docments(obj).items() if v and k not in ('self', 'return')]
 
 _re_plot = re.compile(r'\b(plt\.|\.plot\(|\.imshow\(|\.hist\(|\.scatter\()')
-_skip = re.compile(r'^#\|\s*(slow|notest|eval:\s*false)\b', re.M)
+_skip = re.compile(r"^#\|\s*(slow|notest|eval:\s*false|export)\b", re.M)   # cells the docs do not run, and definitions (which draw nothing)
 
 def plots(nb:Path) -> bool:
     "Does a cell that runs for the docs draw a figure?"

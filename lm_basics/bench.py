@@ -18,7 +18,7 @@ from .data import get_batch, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token
 from .optim import make_optimizer
 from .config import TrainConfig, load_config_file
-from .runtime import peak_flops, matmul_probe
+from .runtime import peak_flops, Peak
 from .train import TrainStep
 
 # %% auto #0
@@ -157,8 +157,7 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     dev = resolve_device(device)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     model, step = _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device, reference)
-    probe = peak is None and dev.type == 'cpu'   # a shared or throttled CPU changes speed: probe it next to the timed steps
-    if peak is None: peak = peak_flops(dev, dtype)[0]
+    pk = Peak(dev, dtype) if peak is None else None   # on a CPU, a probe of the dtype; on a GPU, its datasheet
     t = time.perf_counter()
     for _ in range(warmup): step()
     _sync(dev)
@@ -167,13 +166,17 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     for _ in range(steps): loss = step()
     loss.item(); _sync(dev)
     dt = (time.perf_counter() - t) / steps
-    if probe: peak = max(peak, matmul_probe())
     n = model.count_parameters() if reference else count_parameters(model)
     tps = batch_size * context_length / dt
+    achieved = tps * flops_per_token(model.config, n['non_embedding'])
+    if pk is not None:   # a shared or throttled CPU changes speed: probe again next to the timed steps, the better reading counting,
+        if dev.type == 'cpu': pk.value = max(pk.value, peak_flops(dev, dtype)[0])   # and `Peak` raises it to the steps' own rate
+        mfu, peak = pk.mfu(achieved), pk.value
+    else: mfu = achieved / peak if peak else float('nan')
     mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
     return dict(model='reference' if reference else 'lm_basics', compile=compile, dtype=dtype, loss_chunk=None if reference else loss_chunk,
                 tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
-                mfu=tps * flops_per_token(model.config, n['non_embedding']) / peak if peak else float('nan'),
+                mfu=mfu,
                 peak_mem_mb=mem, params=n['total'], peak_flops=peak)
 
 # %% ../nbs/11_bench.ipynb #47792605

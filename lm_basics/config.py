@@ -89,7 +89,8 @@ ALIASES = {'train_data': 'train_data_path', 'val_data': 'val_data_path', 'max_lr
            'resume': 'resume_from', 'wandb': 'use_wandb'}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
-HELP = {k: docs_of(TrainConfig).get(k) or k.replace('_', ' ') for k in FIELDS}
+_DOCS = docs_of(TrainConfig)   # the comments beside the fields, read from the source once
+HELP = {k: _DOCS.get(k) or k.replace('_', ' ') for k in FIELDS}
 
 # %% ../nbs/08_config.ipynb #e54e539d
 def coerce(name:str, value, source:str|None=None):

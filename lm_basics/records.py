@@ -6,7 +6,6 @@
 from __future__ import annotations
 import json, math, os, time
 from pathlib import Path
-from matplotlib.figure import Figure
 from fastcore.basics import patch_to
 from .core import LMBasicsError, cli_errors, CLIParser
 
@@ -152,6 +151,7 @@ def plot_runs(run_dirs:list[str|Path], # run directories (checkpoint_dir of lm_b
         raise LMBasicsError(f"no losses recorded yet in {', '.join(map(str, run_dirs))}; plot again after the first log or evaluation")
     tmax = max((t for r in runs for s in r.values() for _, t, _ in s if not math.isnan(t)), default=0.0)
     scale, unit = _time_unit(tmax)
+    from matplotlib.figure import Figure   # here, not at the top: a run that draws nothing never imports matplotlib
     fig = Figure(figsize=(16, 4.5), layout='constrained')
     ax_it, ax_t, ax_lr = fig.subplots(1, 3)
     colors = [f'C{i % 10}' for i in range(len(runs))]

@@ -49,17 +49,22 @@ GPU_PEAK_TFLOPS = {  # dense tensor-core peak: (bfloat16/float16, float32 with T
     'L40S': (362, 183), 'L4': (121, 60), 'V100': (125, 15.7), 'T4': (65, 8.1), 'RTX 4090': (165, 82.6),
     'RTX 3090': (71, 35.6), 'RTX A6000': (155, 77)}
 
-def matmul_probe(n:int=1024, # size of the square matrices (halved while one product takes over 0.25 s)
+def matmul_probe(n:int=1024, # size of the square matrices (smaller if one product would take over 0.25 s)
                  reps:int|None=None, # products per timing (default: what fits the budget)
                  dtype=torch.float32, # their dtype
                  budget:float=0.3, # seconds the timings may take in all
                 ) -> float:
     "Measured FLOP/s of an `n`×`n` matmul on the CPU: the best of three timings."
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    while True:   # a dtype the CPU has no instructions for (bfloat16 without AVX-512 BF16) is 50x slower: a smaller probe
+    # Start small and double the size while one product stays under 0.25 s: a dtype the CPU has no instructions for
+    # (bfloat16 without AVX-512 BF16) is 50x slower, and a first product at full size could take seconds.
+    m = min(n, 256)
+    a, b = torch.randn(m, m, dtype=dtype), torch.randn(m, m, dtype=dtype)
+    a @ b   # warm-up
+    while True:
         t = time.perf_counter(); a @ b; one = time.perf_counter() - t
-        if one <= 0.25 or n <= 128: break
-        n //= 2; a, b = a[:n, :n].contiguous(), b[:n, :n].contiguous()
+        if m >= n or one * 8 > 0.25: break
+        m = min(2 * m, n); a, b = torch.randn(m, m, dtype=dtype), torch.randn(m, m, dtype=dtype)
+    n = m
     reps = reps or max(1, int(budget / 3 / max(one, 1e-6)))
     best = 0.0
     for _ in range(3):

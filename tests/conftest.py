@@ -398,6 +398,8 @@ def check_training_run(run:Run, *, checkpoint_dir:Path, train_tokens:int, val_to
         if 'train/learning_rate' in r:
             assert r['train/learning_rate'] == pytest.approx(cosine_lr_ref(r['iter'], max_lr, min_lr, warmup, max_iters), rel=1e-9, abs=1e-15)
             assert r['train/tokens_per_sec'] * r['train/iter_time_ms'] / 1000 == pytest.approx(tokens_per_iter, rel=1e-6)
+        if 'train/mfu' in r:   # a measurement, on a machine the suite keeps busy: never above 100% of the peak
+            assert 0 < r['train/mfu'] <= 1.0, f"iteration {r['iter']}: MFU {r['train/mfu']:.3f} above 100%"
     ev = {i: v for i, v in series(mine, 'eval/val_loss') + series(mine, 'final/val_loss')}
     for it, tl, vl, ppl in log.evals: assert round(ev[it], 4) == pytest.approx(vl, abs=1.5e-4)
     for r in mine:

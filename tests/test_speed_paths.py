@@ -94,7 +94,7 @@ def test_bench_writes_its_table_and_profile(tmp_path):
     rows = res['rows']
     assert [(r['compile'], r['dtype']) for r in rows] == [(False, 'float32'), (False, 'bfloat16')]
     for r in rows:
-        assert r['tokens_per_sec'] > 0 and 0 < r['mfu'] < 2 and r['params'] > 0
+        assert r['tokens_per_sec'] > 0 and 0 < r['mfu'] <= 1.0 and r['params'] > 0
         # each variant ran in a process of its own: its peak is its own, not the earlier variant's
         assert 100 < r['peak_mem_mb'] < 4000
     assert res['sampling']['batches_per_sec'] > 100

@@ -9,7 +9,7 @@ A test whose tool is missing (npm's Moby Dick, Chromium, setpriv, root for a tmp
 which fails instead when LM_BASICS_CI=1 (set by `.ci/run`, which installs them all).
 """
 from __future__ import annotations
-import hashlib, json, math, os, re, shutil, struct, subprocess, sys
+import hashlib, json, math, os, re, shutil, signal, struct, subprocess, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +187,20 @@ def command(script:str='lm_basics_train', module:bool=False) -> list[str]:
     exe = Path(sys.executable).parent/script
     return [str(exe if exe.exists() else shutil.which(script) or exe)]
 
+_STARTED: list = []   # every Proc of the session, so that none outlives the test that started it
+
+@pytest.fixture(autouse=True)
+def no_runaway_processes():
+    "A test that fails while a process it started still runs (a run planned for 100,000 steps, say) does not leave it running: its process group is killed when the test ends."
+    first = len(_STARTED)
+    yield
+    for proc in _STARTED[first:]:
+        if proc.p.poll() is None:
+            try: os.killpg(proc.p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError): pass
+            proc.p.wait()
+    del _STARTED[first:]
+
 class Proc:
     """A running `lm_basics_train` (or another console script) whose output is collected line by line as it arrives.
     `env` adds to (None: removes from) the environment; `preexec` runs in the child before exec (a resource limit, say);
@@ -204,6 +218,7 @@ class Proc:
         self.p = subprocess.Popen(self.cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   stdin=subprocess.DEVNULL, text=True, start_new_session=True, preexec_fn=pre)
         self.pid, self.out, self.err, self._cv = self.p.pid, [], [], threading.Condition()
+        _STARTED.append(self)
         self._threads = [threading.Thread(target=self._pump, args=(s, l), daemon=True) for s, l in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
         for t in self._threads: t.start()
     def _pump(self, stream, lines):

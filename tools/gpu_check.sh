@@ -187,10 +187,13 @@ def run_summary(name, compiled):
     with torch.device('meta'): m = TransformerLM(**{k: cfg[k] for k in MODEL_ARGS})
     fpt = flops_per_token(m.config, count_parameters(m)['non_embedding'])
     text = log.read_text() if log.exists() else ''
-    s = dict(iterations=max(r['iter'] for r in rows) + 1, tokens_per_sec=tps, mfu=tps * fpt / peak if peak else None,
+    trainer_mfu = statistics.median(r['train/mfu'] for r in steady) if all('train/mfu' in r for r in steady) else None
+    # the trainer's own MFU (its peak raised to any rate a step reached, so never above 100%); recomputed only if it logged none
+    s = dict(iterations=max(r['iter'] for r in rows) + 1, tokens_per_sec=tps,
+             mfu=trainer_mfu if trainer_mfu is not None else (min(1.0, tps * fpt / peak) if peak else None),
              flops_per_token=fpt, first_loss=rows[0]['train/loss'], last_loss=rows[-1]['train/loss'],
-             compiled='Compiled: yes' in text, bfloat16='Compute dtype: bfloat16' in text,
-             trainer_mfu=statistics.median(r['train/mfu'] for r in steady) if all('train/mfu' in r for r in steady) else None)
+             compiled='Compiled: yes' in text, bfloat16='Compute dtype: bfloat16' in text, trainer_mfu=trainer_mfu)
+    if s['mfu'] is not None and s['mfu'] > 1.0: problems.append(f"train_{name}: MFU {s['mfu']:.1%} above 100%")
     if s['compiled'] != compiled or not s['bfloat16']: problems.append(f"train_{name}: the log does not say compiled={compiled} in bfloat16")
     return s
 try:

@@ -91,6 +91,27 @@ def test_ddp_gradient_accumulation_matches(pair, tmp_path, lm):
     assert_close_weights(weights(tmp_path/'acc'/'checkpoint_iter_12.pt'), weights(pair['ddp']/'checkpoint_iter_12.pt'))
 
 
+def test_ddp_with_muon_and_wsd_matches_one_process(tmp_path, lm):
+    """The newer recipe (Muon for the matrices, AdamW for the rest, warmup-stable-decay, QK-norm, ReLU²) under DDP: two
+    processes with batch 4 follow one process with batch 8 (DDP averages the gradients before Muon orthogonalises them),
+    and the run resumes under DDP from its checkpoint to the same end."""
+    recipe = ['--optimizer', 'muon', '--lr_schedule', 'wsd', '--qk_norm', '--activation', 'relu2']
+    runs = [([*tiny(lm), *recipe, '--batch_size', 4, '--checkpoint_dir', tmp_path/'ddp'], 2),
+            ([*tiny(lm), *recipe, '--batch_size', 8, '--checkpoint_dir', tmp_path/'one'], None)]
+    out2, _ = lm.in_parallel(lambda a: train(lm, *a[0], cwd=tmp_path, nproc=a[1]), runs)
+    assert 'Device: cpu x 2 processes' in out2
+    ddp, one = losses(lm, tmp_path/'ddp'), losses(lm, tmp_path/'one')
+    assert [i for i, _ in ddp] == [i for i, _ in one] == [0, 3, 6, 9, 11]
+    for (_, a), (_, b) in zip(ddp, one): assert abs(a - b) < 2e-3, (ddp, one)
+    assert ddp[-1][1] < ddp[0][1] - 0.5
+    assert_close_weights(weights(tmp_path/'ddp'/'checkpoint_iter_12.pt'), weights(tmp_path/'one'/'checkpoint_iter_12.pt'), atol=5e-4)
+    ck = read_checkpoint(tmp_path/'ddp'/'checkpoint_iter_12.pt')
+    assert ck['config']['optimizer'] == 'muon' and ck['config']['lr_schedule'] == 'wsd'
+    # resumed under DDP from iteration 6: the same end as the uninterrupted DDP run
+    train(lm, '--resume_from', tmp_path/'ddp'/'checkpoint_iter_6.pt', '--checkpoint_dir', tmp_path/'resumed', cwd=tmp_path, nproc=2)
+    assert_close_weights(weights(tmp_path/'resumed'/'checkpoint_iter_12.pt'), weights(tmp_path/'ddp'/'checkpoint_iter_12.pt'), atol=1e-6)
+
+
 def test_fsdp_trains_and_its_checkpoint_loads_in_one_process(pair, tmp_path, lm):
     out = train(lm, *tiny(lm), '--batch_size', '4', '--fsdp', '--checkpoint_dir', tmp_path/'fsdp', cwd=tmp_path, nproc=2)
     assert 'Training complete: 12 iterations' in out

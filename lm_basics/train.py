@@ -478,6 +478,9 @@ def claim_run_dir(plan, cfg:TrainConfig, state:RunState, tokenizer:Path|None, co
         run = start_wandb(d.path, asdict(cfg), cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_tags, state.wandb_id)
         state.wandb_id = run.id
     d.start(plan.run_id, plan.parent, asdict(cfg))
+    # a run killed between saving a checkpoint and pruning the oldest left one too many; killed there again and again,
+    # it would pile them up: prune before training, so the directory never holds more than keep_last + 1 of its own
+    if plan.checkpoint is not None: d.prune(cfg.keep_last, cfg.keep_every)
     if tokenizer is not None and not (d.path/'tokenizer.json').exists(): shutil.copyfile(tokenizer, d.path/'tokenizer.json')
     ts = (plan.checkpoint or {}).get('train_state') or {}
     return RunRecords(d.path, keep_from=plan.metrics_from, keep_bytes=ts.get('metrics_bytes', 0 if plan.checkpoint is None else None),

@@ -257,6 +257,20 @@ def test_sigkill_chaos(tmp_path, corpus, lm):
 
 # ------------------------------------------------------------------------------------------- 5. pruning
 
+def test_resume_prunes_what_a_killed_run_left(lm, corpus, tmp_path):
+    """A run killed between saving a checkpoint and pruning the oldest leaves one too many; killed there life after life
+    (test_sigkill_chaos met it on a loaded machine: four checkpoints with --keep_last 2) they would pile up. A resumed
+    run prunes its own checkpoints to --keep_last before it trains, so there are never more than keep_last + 1."""
+    d = tmp_path/'run'
+    lm.run(*flags(lm, corpus, max_iters=6, checkpoint_interval=1, keep_last=10), '--checkpoint_dir', d, cwd=tmp_path).ok()
+    assert sorted(checkpoints(d)) == [1, 2, 3, 4, 5, 6]
+    p = lm.start(*flags(lm, corpus, max_iters=100_000, checkpoint_interval=1000, keep_last=2), '--checkpoint_dir', d,
+                 '--resume', 'auto', cwd=tmp_path)
+    p.wait_for(r'^Iter +6 ')   # training, far from its next checkpoint
+    p.signal(signal.SIGKILL); p.finish()
+    assert sorted(checkpoints(d)) == [5, 6]
+
+
 def test_keep_last_and_keep_every(reference, extended, preempted):
     "checkpoint every 4 to 60 with --keep_last 2 --keep_every 20 keeps 20, 40 (milestones) and 56, 60 (newest)."
     assert sorted(checkpoints(reference['dir'])) == [20, 40, 56, 60]

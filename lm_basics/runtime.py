@@ -11,9 +11,9 @@ import torch.distributed as dist
 from .core import LMBasicsError
 
 # %% auto #0
-__all__ = ['GPU_PEAK_TFLOPS', 'resolve_dtype', 'autocast_context', 'resolve_compile', 'matmul_probe', 'peak_flops', 'Peak',
-           'training_memory', 'available_memory', 'is_out_of_memory', 'setup_distributed', 'all_mean', 'from_master',
-           'control_group', 'any_rank']
+__all__ = ['GPU_PEAK_TFLOPS', 'MEMORY_FIX', 'resolve_dtype', 'autocast_context', 'resolve_compile', 'matmul_probe', 'peak_flops',
+           'Peak', 'training_memory', 'available_memory', 'is_out_of_memory', 'out_of_memory', 'setup_distributed',
+           'all_mean', 'from_master', 'control_group', 'any_rank']
 
 # %% ../nbs/09_runtime.ipynb #3e576d4c
 def resolve_dtype(dtype:str, # 'auto', 'float32', 'bfloat16' or 'float16'
@@ -131,6 +131,13 @@ def is_out_of_memory(e:BaseException) -> bool:
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)): return True
     s = str(e)
     return isinstance(e, RuntimeError) and ('out of memory' in s or "can't allocate memory" in s or 'DefaultCPUAllocator' in s)
+
+MEMORY_FIX = "lower --batch_size (raise --gradient_accumulation_steps to keep the step), --context_length or the model size"
+
+def out_of_memory(where:str, # when it failed, e.g. 'at iteration 7'
+                  e:BaseException) -> LMBasicsError:
+    "The one error a failed allocation becomes: where, the allocator's first line, and what to lower."
+    return LMBasicsError(f"out of memory {where} ({str(e).splitlines()[0][:120]}); {MEMORY_FIX}")
 
 # %% ../nbs/09_runtime.ipynb #39b44d6a
 def setup_distributed(device:str='auto', # the --device setting

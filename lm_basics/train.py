@@ -21,7 +21,8 @@ from .generate import find_tokenizer, generate_text
 from .records import RunRecords, start_wandb, read_metrics
 from .config import TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config, parse_config
 from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, setup_distributed, all_mean, from_master,
-                               control_group, any_rank, training_memory, available_memory, is_out_of_memory)
+                               control_group, any_rank, training_memory, available_memory, is_out_of_memory,
+                               out_of_memory, MEMORY_FIX)
 
 # %% auto #0
 __all__ = ['StepResult', 'TrainStep', 'evaluate', 'RunState', 'Console', 'StopSignal', 'data_paths', 'check_meta',
@@ -417,9 +418,7 @@ def train(cfg:TrainConfig, # the settings of the run
             if it != start: save_run(it, *saving)
             raise
         except Exception as e:
-            if is_out_of_memory(e):
-                raise LMBasicsError(f"out of memory at iteration {it} ({str(e).splitlines()[0][:120]}); lower --batch_size (raise "
-                                    f"--gradient_accumulation_steps to keep the step), --context_length or the model size") from None
+            if is_out_of_memory(e): raise out_of_memory(f"at iteration {it}", e) from None
             raise
         finally:
             if records: records.close()
@@ -438,8 +437,7 @@ def build_model(cfg:TrainConfig, device:torch.device, world:int=1) -> Transforme
         gib = lambda b: f"{b / 2**30:,.1f} GiB"
         raise LMBasicsError(f"this model and batch need about {gib(need['total'])}" + (f" in each of {sharing} processes" if sharing > 1 else '')
                             + f" ({params:,} parameters with their gradients and optimizer state: {gib(need['state'])}; activations: "
-                            f"{gib(need['activations'])}) but {device.type} has {gib(free)} free; lower --batch_size (raise "
-                            f"--gradient_accumulation_steps to keep the step), --context_length, or the model size")
+                            f"{gib(need['activations'])}) but {device.type} has {gib(free)} free; {MEMORY_FIX}")
     model = TransformerLM(**args).to(device)
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -460,8 +458,7 @@ def decide_compile(cfg:TrainConfig, state:RunState, model, device, dtype:str, ac
                 with autocast_context(device, dtype): model(x, targets=y, loss_chunk=cfg.loss_chunk).backward()
             except Exception as e:
                 if not is_out_of_memory(e): raise
-                raise LMBasicsError(f"out of memory in the first training step, timed to decide whether to compile ({str(e).splitlines()[0][:120]}); "
-                                    f"lower --batch_size (raise --gradient_accumulation_steps to keep the step), --context_length or the model size") from None
+                raise out_of_memory("in the first training step, timed to decide whether to compile", e) from None
         if device.type == 'cuda': torch.cuda.synchronize()
         secs = (time.perf_counter() - t0) * accum
         model.zero_grad(set_to_none=True)

@@ -169,9 +169,8 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     n = model.count_parameters() if reference else count_parameters(model)
     tps = batch_size * context_length / dt
     achieved = tps * flops_per_token(model.config, n['non_embedding'])
-    if pk is not None:   # a shared or throttled CPU changes speed: probe again next to the timed steps, the better reading counting,
-        if dev.type == 'cpu': pk.value = max(pk.value, peak_flops(dev, dtype)[0])   # and `Peak` raises it to the steps' own rate
-        mfu, peak = pk.mfu(achieved), pk.value
+    if pk is not None:   # probe again next to the timed steps (the better reading counts), and `Peak` raises it to the steps' own rate
+        pk.refresh(); mfu, peak = pk.mfu(achieved), pk.value
     else: mfu = achieved / peak if peak else float('nan')
     mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
     return dict(model='reference' if reference else 'lm_basics', compile=compile, dtype=dtype, loss_chunk=None if reference else loss_chunk,

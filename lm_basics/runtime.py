@@ -93,12 +93,15 @@ class Peak:
     def __init__(self, device:torch.device, dtype:str='float32'):
         self.device, self.dtype = device, dtype
         self.value, self.source = peak_flops(device, dtype)
+    def refresh(self) -> float:
+        "Probe a CPU again (a shared or throttled one changes speed): the better of the readings counts. GPUs keep the datasheet."
+        if self.value and self.device.type == 'cpu': self.value = max(self.value, peak_flops(self.device, self.dtype)[0])
+        return self.value
     def mfu(self, achieved:float, # FLOP/s a step achieved
            ) -> float:
         "Model FLOPs utilisation of `achieved` FLOP/s (NaN if the peak is unknown)."
         if not self.value: return math.nan
-        if achieved > self.value and self.device.type == 'cpu':   # the probe read a slow moment: probe again
-            self.value = max(self.value, peak_flops(self.device, self.dtype)[0])
+        if achieved > self.value: self.refresh()   # the probe read a slow moment: probe again
         if achieved > self.value: self.value, self.source = achieved, f"{self.source}, raised to a step's measured rate"
         return achieved / self.value
 

@@ -198,19 +198,29 @@ def command(script:str='lm_basics_train', module:bool=False) -> list[str]:
     exe = Path(sys.executable).parent/script
     return [str(exe if exe.exists() else shutil.which(script) or exe)]
 
-_STARTED: list = []   # every Proc of the session, so that none outlives the test that started it
+_STARTED: list = []   # the Procs of the session still running or not yet checked, so that none outlives what started it
 
-@pytest.fixture(autouse=True)
-def no_runaway_processes():
-    "A test that fails while a process it started still runs (a run planned for 100,000 steps, say) does not leave it running: its process group is killed when the test ends."
-    first = len(_STARTED)
-    yield
-    for proc in _STARTED[first:]:
+def _kill(procs):
+    for proc in procs:
         if proc.p.poll() is None:
             try: os.killpg(proc.p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError): pass
             proc.p.wait()
-    del _STARTED[first:]
+
+@pytest.fixture(autouse=True)
+def no_runaway_processes():
+    """A test that fails while a process it started still runs (a run planned for 100,000 steps, say) does not leave it running:
+    its process group is killed when the test ends. Processes a module or session fixture started before the test stay
+    while they run (their fixture may still use them); finished ones are forgotten, and the session kills the rest at its end."""
+    first = len(_STARTED)
+    yield
+    _kill(_STARTED[first:])
+    _STARTED[:] = [p for p in _STARTED[:first] if p.p.poll() is None]
+
+@pytest.fixture(scope='session', autouse=True)
+def no_process_outlives_the_session():
+    yield
+    _kill(_STARTED); _STARTED.clear()
 
 class Proc:
     """A running `lm_basics_train` (or another console script) whose output is collected line by line as it arrives.

@@ -9,8 +9,8 @@
 #   bench     lm_basics_bench on the GPU: lm_basics beside the plain reference step, eager and compiled
 # and write OUT/gpu_check.json, OUT/gpu_check.md (GPU, tokens/s and MFU against the GPU's bfloat16 peak, compiled
 # against eager, the tests) and OUT/gpu_check.log (every step's output). Every step has a time limit and the whole
-# run a budget (290 s); a step that fails or runs out of time makes the script print GPU CHECK FAILED and exit 1,
-# after writing the results it has.
+# run a budget (290 s: the steps' caps add up to 280 s, 10 s are kept for the summary); a step that fails or runs out
+# of time makes the script print GPU CHECK FAILED and exit 1, after writing the results it has.
 #
 #   tools/gpu_check.sh [--out DIR] [--wheels DIR] [--work DIR] [--budget SECONDS] [--no-install] [--cpu]
 #
@@ -92,7 +92,7 @@ print(" ".join(r for r in c["DEFAULT"]["requirements"].split() if re.match(r"[A-
   "$WORK/venv/bin/python" -c 'import torch, lm_basics; print("torch", torch.__version__, "from", torch.__file__, "| lm_basics", lm_basics.__version__)'
 }
 if [[ $INSTALL == 1 ]]; then
-  step setup 45 bash -c "$(declare -f setup); PY='$PY' WORK='$WORK' WHEELS='$WHEELS' ROOT='$ROOT' setup" && BIN=$WORK/venv/bin || BIN=
+  step setup 40 bash -c "$(declare -f setup); PY='$PY' WORK='$WORK' WHEELS='$WHEELS' ROOT='$ROOT' setup" && BIN=$WORK/venv/bin || BIN=
 else
   BIN=$(dirname "$(command -v lm_basics_train || echo /nonexistent/x)")
   [[ -x $BIN/lm_basics_train ]] || BIN=
@@ -104,7 +104,7 @@ if [[ -n $BIN ]]; then
   export PATH=$BIN:$PATH
   PYX=$BIN/python; [[ -x $PYX ]] || PYX=$PY
 
-  step tests 60 "$PYX" -m pytest "$ROOT/tests/test_speed_paths.py" -k test_cuda_ -v -rs -p no:cacheprovider --junitxml="$WORK/tests.xml"
+  step tests 50 "$PYX" -m pytest "$ROOT/tests/test_speed_paths.py" -k test_cuda_ -v -rs -p no:cacheprovider --junitxml="$WORK/tests.xml"
 
   DATA=$WORK/data
   if [[ $CPU == 1 ]]; then   # toy sizes: the script's logic, in a minute or two
@@ -115,7 +115,7 @@ if [[ -n $BIN ]]; then
     SIZE=(--device cuda) ITERS=300 VOCAB=50304
     BENCH=(--config "$ROOT/configs/gpt2_124M.json" --device cuda --steps 5 --warmup 2)
   fi
-  step data 15 "$PYX" - "$DATA" "$VOCAB" <<'EOF'
+  step data 10 "$PYX" - "$DATA" "$VOCAB" <<'EOF'
 import sys, numpy as np
 from pathlib import Path
 d, vocab = Path(sys.argv[1]), int(sys.argv[2])
@@ -132,7 +132,7 @@ EOF
   step train_eager 40 "$BIN/lm_basics_train" "${TRAIN[@]}" --no-compile --checkpoint_dir "$WORK/runs/eager"
   step train_compiled 65 "$BIN/lm_basics_train" "${TRAIN[@]}" --compile --checkpoint_dir "$WORK/runs/compiled"
   VARIANTS=eager:bfloat16,compiled:bfloat16; [[ $CPU == 1 ]] && VARIANTS=eager:float32
-  step bench 80 "$BIN/lm_basics_bench" "${BENCH[@]}" --baseline --rounds 1 --variants "$VARIANTS" --out "$WORK/bench"
+  step bench 75 "$BIN/lm_basics_bench" "${BENCH[@]}" --baseline --rounds 1 --variants "$VARIANTS" --out "$WORK/bench"
 else
   PYX=$PY
 fi

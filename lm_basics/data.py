@@ -12,7 +12,7 @@ from .core import LMBasicsError, resolve_device, cache_dir
 
 # %% auto #0
 __all__ = ['INT_DTYPES', 'BUILTIN_DATASETS', 'open_tokens', 'save_tokens', 'release_pages', 'check_token_ids', 'load_tokens',
-           'DataChanged', 'check_unchanged', 'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb',
+           'DataChanged', 'check_unchanged', 'data_changed', 'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb',
            'shakespeare_plays', 'builtin_dataset']
 
 # %% ../nbs/01_data.ipynb #3e576d4c
@@ -139,8 +139,14 @@ def check_unchanged(data:np.ndarray):
     if now != stamp:
         what = 'was removed' if now is None else (f"changed size ({stamp[3]:,} -> {now[3]:,} bytes)" if now[3] != stamp[3] else
                                                   'was replaced or rewritten')
-        raise DataChanged(f"token file {path} {what} while the run was using it; put the file back as it was (or prepare the data "
-                          f"into a new directory), then continue with --resume auto")
+        raise data_changed(path, what)
+
+def data_changed(path, # the token file
+                 what:str, # what happened to it: 'was removed', 'changed size (...)', ...
+                ) -> DataChanged:
+    "The error for a token file that changed under a run, with what to do."
+    return DataChanged(f"token file {path} {what} while the run was using it; put the file back as it was (or prepare the data "
+                       f"into a new directory), then continue with --resume auto")
 
 # %% ../nbs/01_data.ipynb #39b44d6a
 def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
@@ -175,9 +181,10 @@ class BatchPrefetcher:
                  device:str|torch.device, # where batches go
                  generator:torch.Generator, # CPU generator the start positions are drawn from (advanced as batches are fetched)
                  rank:int=0, world_size:int=1, # as in `get_batch`
-                 accum:int=1): # micro-steps per optimizer step: their batches are slices of one draw
+                 accum:int=1, # micro-steps per optimizer step: their batches are slices of one draw
+                 vote=None): # under torchrun, `flag -> the largest flag of all ranks`: every rank raises at the same `next()`
         self.args = (data, batch_size, context_length, device)
-        self.generator, self.rank, self.world, self.accum = generator, rank, world_size, accum
+        self.generator, self.rank, self.world, self.accum, self.vote = generator, rank, world_size, accum, vote
         self.pending, self.micro, self.step_state, self.error = None, 0, None, None   # micro: the micro-step the next fetch is for
 
     def prefetch(self):
@@ -192,6 +199,8 @@ class BatchPrefetcher:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         "The next `(x, y)`: the one fetched ahead, or a fresh one."
         self.prefetch()
+        if self.vote is not None and self.vote(int(self.error is not None)) and self.error is None:   # another rank saw it
+            self.error = data_changed(self.args[0].stamp[0], 'changed (seen by another process of this run)')
         if self.error is not None: raise self.error
         batch, self.pending = self.pending, None
         return batch

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .core import LMBasicsError, Interrupted, cli_errors, resolve_device
-from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged
+from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged, data_changed
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, learning_rate, clip_grad_norm
 from .tokenize import load_tokenizer
@@ -108,11 +108,16 @@ def evaluate(model, # the model, or the step's (compiled, wrapped) forward
     "Mean cross-entropy of `model` over `eval_iters` random batches of `data`, averaged over all processes."
     was_training = model.training; model.eval()
     g = torch.Generator().manual_seed(seed)
-    total = torch.zeros((), device=device)
+    total, changed = torch.zeros((), device=device), None
     for _ in range(eval_iters):
-        x, y = get_batch(data, batch_size, context_length, device, g, rank, world_size)
+        try: x, y = get_batch(data, batch_size, context_length, device, g, rank, world_size)
+        except DataChanged as e:   # under torchrun the other ranks still run these forwards (FSDP gathers weights in each):
+            if not dist.is_initialized(): raise    # compute on a stand-in batch, then everyone learns of the change together
+            changed, x = changed or e, torch.zeros(batch_size, context_length, dtype=torch.long, device=device); y = x
         with autocast_context(device, dtype): total += model(x, targets=y, loss_chunk=loss_chunk)
     model.train(was_training)
+    if all_mean(float(changed is not None), device) > 0:
+        raise changed or data_changed(data.stamp[0], 'changed (seen by another process of this run)')
     return all_mean(total / eval_iters, device)
 
 # %% ../nbs/10_train.ipynb #e54e539d
@@ -334,7 +339,9 @@ def train(cfg:TrainConfig, # the settings of the run
         gen = torch.Generator().manual_seed(cfg.seed)   # the same on every rank: each takes its slice of the global batch
         if master: print_config(cfg, file=console)
         train_data, val_data, tokenizer, bpt = load_data(cfg, plan.dir.path, console)
-        batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world, accum)
+        group = control_group()   # CPU votes: a signal, a token file changed underneath (every rank stops at the same point)
+        batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world, accum,
+                                  vote=(lambda flag: any_rank(flag, group)) if world > 1 else None)
 
         # 2. build: model, optimizer, step; restored from the checkpoint
         console.say("\nInitializing model...")
@@ -369,7 +376,7 @@ def train(cfg:TrainConfig, # the settings of the run
         ev = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=dtype,
                   loss_chunk=cfg.loss_chunk, rank=rank, world_size=world)
         saving = (plan.dir, model, optimizer, cfg, state, batches, records, step, console)   # what a checkpoint needs
-        group, t_log, since_log, stopped = control_group(), time.perf_counter(), 0, 0
+        t_log, since_log, stopped = time.perf_counter(), 0, 0
 
         # 4. the loop
         stop.arm()

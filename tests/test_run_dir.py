@@ -9,6 +9,7 @@ files (the Shakespeare plays as bytes) doing what careful and careless users do.
 | resuming a copy of a checkpoint | the run goes on beside the copy, never into the directory recorded inside it | `test_resume_from_a_copy_writes_beside_the_copy` |
 | a stray file named like a checkpoint (random bytes) | never counted as the newest, never deleted; pruning removes only this run's checkpoints | `test_stray_checkpoint_file_is_never_counted_or_deleted` |
 | a token file truncated or rewritten while training | one clear error naming the file, after saving the last completed step; no crash | `test_data_file_changed_underneath` |
+| the same under torchrun, seen by one process only (each machine has its own copy) | every process stops at the same micro-batch (none left in an all-reduce), after saving the last completed step | `test_data_file_changed_under_torchrun` |
 | Ctrl-C or SIGTERM during start-up | one line saying so (exit 130 / 143), nothing written | `test_signal_during_startup` |
 | a run killed before its first checkpoint | its directory holds no run: the same command runs | `test_directory_without_a_checkpoint_holds_no_run` |
 | a second Ctrl-C while a checkpoint is being written | exit 130, says it was interrupted, no temporary file, the previous checkpoint intact | `test_second_ctrl_c_while_saving` |
@@ -174,6 +175,40 @@ def test_data_file_changed_underneath(lm, corpus, tmp_path, how):
     assert ck['iteration'] >= 4 and Path(saved[0]).name == f"checkpoint_iter_{ck['iteration']}.pt"
     assert train_iters(lm, d)[-1] == ck['iteration'] - 1   # the records go up to the saved step
 
+
+def test_data_file_changed_under_torchrun(lm, corpus, tmp_path):
+    """Two "machines" (two torchrun launchers meeting through the c10d rendezvous), each with its own copy of the token
+    file; one copy is truncated, so one process sees the change and the other cannot. They vote at every micro-batch,
+    so both stop at the same one (neither left in an all-reduce with a peer that left), after saving the last completed
+    step, each with one error line: the file it saw change, or that another process saw its copy change."""
+    import socket
+    with socket.socket() as sk: sk.bind(('127.0.0.1', 0)); port = sk.getsockname()[1]
+    nodes = [tmp_path/'a', tmp_path/'b']
+    for n in nodes: n.mkdir(); shutil.copy(corpus.path('train', 'npy'), n/'train.npy')
+    d = tmp_path/'run'
+    launch = ['--nnodes', '2', '--nproc_per_node', '1', '--rdzv_backend', 'c10d', '--rdzv_endpoint', f'127.0.0.1:{port}',
+              '--rdzv_id', 'data_changed', '-m', 'lm_basics.train',
+              *flags(lm, corpus, max_iters=100_000, checkpoint_interval=100_000, log_interval=1), '--gradient_accumulation_steps', 2,
+              '--train_data_path', 'train.npy', '--checkpoint_dir', d]   # each machine's own copy
+    ps = [lm.start(*launch, cwd=n, script='torchrun') for n in nodes]
+    try:
+        while not any(re.search(r'^Iter +3 ', ''.join(p.out), re.M) for p in ps):   # rank 0 logs, on either machine
+            assert all(p.p.poll() is None for p in ps), ps; time.sleep(0.05)
+        with open(nodes[1]/'train.npy', 'r+b') as f: f.truncate(1000)
+        t0 = time.monotonic()
+        rs = [p.finish(timeout=120) for p in ps]   # a process left in an all-reduce would wait for gloo's timeout
+    finally:
+        for p in ps:
+            with killed_after(p): pass
+    assert time.monotonic() - t0 < 60, rs
+    for r, n, what in zip(rs, nodes, ['changed (seen by another process of this run)', 'changed size']):
+        assert r.returncode != 0 and 'Traceback' not in r.stdout, r
+        errors = [l for l in r.stderr.splitlines() if l.startswith('error')]
+        assert len(errors) == 1 and f'token file train.npy {what}' in errors[0] and '--resume auto' in errors[0], r
+    saved = re.findall(r'^\[CHECKPOINT\] Saved checkpoint to (\S+)$', ''.join(rs[0].stdout + rs[1].stdout), re.M)
+    assert len(saved) == 1, rs
+    ck = read_checkpoint(saved[0])
+    assert ck['iteration'] >= 4 and train_iters(lm, d)[-1] == ck['iteration'] - 1, rs
 
 # ---------------------------------------------------------------------------------------------------- 8-9. signals
 def test_signal_during_startup(lm, corpus, tmp_path):

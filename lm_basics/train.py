@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_train.ipynb #a6316642
 from __future__ import annotations
-import dataclasses, json, math, os, random, shutil, signal, sys, threading, time
+import dataclasses, inspect, json, math, os, random, shutil, signal, sys, threading, time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -25,9 +25,10 @@ from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, se
                                out_of_memory, MEMORY_FIX)
 
 # %% auto #0
-__all__ = ['StepResult', 'TrainStep', 'evaluate', 'RunState', 'Console', 'StopSignal', 'data_paths', 'check_meta',
-           'run_tokenizer', 'set_learning_rates', 'bytes_per_token', 'plan_and_check', 'load_data', 'evaluate_run',
-           'save_run', 'log_eval', 'train', 'build_model', 'decide_compile', 'claim_run_dir', 'log_step', 'main']
+__all__ = ['NO_BUFFER_SYNC', 'StepResult', 'TrainStep', 'evaluate', 'RunState', 'Console', 'StopSignal', 'data_paths',
+           'check_meta', 'run_tokenizer', 'set_learning_rates', 'bytes_per_token', 'plan_and_check', 'load_data',
+           'evaluate_run', 'save_run', 'log_eval', 'train', 'build_model', 'decide_compile', 'claim_run_dir',
+           'log_step', 'main']
 
 # %% ../nbs/10_train.ipynb #3e576d4c
 @dataclass
@@ -36,6 +37,11 @@ class StepResult:
     loss:torch.Tensor
     grad_norm:torch.Tensor
     updated:bool=True
+
+# the only buffers are RoPE's constant tables: nothing to synchronise at each forward (PyTorch 2.13 renamed the option,
+# and warns on every run that uses the old name)
+NO_BUFFER_SYNC = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+                  else {'broadcast_buffers': False})
 
 class TrainStep:
     "One optimizer step: micro-batches under autocast, backward (gradients synchronised on the last), unscale, clip, the finiteness check, the update."
@@ -51,8 +57,8 @@ class TrainStep:
         self.model, self.optimizer, self.accum, self.grad_clip, self.loss_chunk, self.fsdp = model, optimizer, accum, grad_clip, loss_chunk, fsdp
         self.device = next(model.parameters()).device
         ddp = dist.is_initialized() and not fsdp
-        self.wrapped = torch.nn.parallel.DistributedDataParallel(   # the only buffers are RoPE's constant tables: nothing to broadcast
-            model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, broadcast_buffers=False) if ddp else model
+        self.wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, **NO_BUFFER_SYNC) if ddp else model
         self.forward = torch.compile(self.wrapped) if compile else self.wrapped
         self.ctx = autocast_context(self.device, dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == 'float16')

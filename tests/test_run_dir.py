@@ -4,7 +4,7 @@ files (the Shakespeare plays as bytes) doing what careful and careless users do.
 | situation | what happens | test |
 |---|---|---|
 | a second run on a directory in use (fresh, `--resume auto`, extending a finished run, or at the same instant) | refused at once, exit 2, naming the holder (pid, host, start time); it writes nothing | `test_second_run_is_refused_while_the_first_trains`, `test_two_runs_started_at_once` |
-| the same under torchrun | rank 0 holds the lock | `test_torchrun_rank0_holds_the_lock` |
+| the same under torchrun | rank 0 holds the lock; a scheduler's SIGTERM to the whole job saves the step every rank stopped at | `test_torchrun_rank0_holds_the_lock` |
 | resuming an older checkpoint into a directory that holds later ones (a rewind) | refused, naming the later checkpoints and how to branch; `--checkpoint_dir NEW` branches, with the metrics up to the branch point | `test_rewind_is_refused_and_a_branch_keeps_history` |
 | resuming a copy of a checkpoint | the run goes on beside the copy, never into the directory recorded inside it | `test_resume_from_a_copy_writes_beside_the_copy` |
 | a stray file named like a checkpoint (random bytes) | never counted as the newest, never deleted; pruning removes only this run's checkpoints | `test_stray_checkpoint_file_is_never_counted_or_deleted` |
@@ -101,9 +101,12 @@ def test_torchrun_rank0_holds_the_lock(lm, tmp_path):
         holder = json.loads((d/'run.lock').read_text())
         assert holder['pid'] != ddp.pid and 'lm_basics' in holder['command']   # a rank's pid, not torchrun's
         lm.run(*tiny, '--checkpoint_dir', d, '--resume', 'auto', cwd=tmp_path).error(f"pid {holder['pid']}", 'in use by another run')
-    finally:
-        ddp.signal(signal.SIGTERM)
-        assert ddp.finish().returncode != 0
+    finally:   # a scheduler's preemption: SIGTERM to every process of the job (torchrun forwards a second one to its workers)
+        os.killpg(ddp.pid, signal.SIGTERM)
+        r = ddp.finish()
+    assert r.returncode != 0, r
+    stop = re.search(r'^Stopped by SIGTERM after iteration (\d+); continue with --resume auto', r.stdout, re.M)
+    assert stop and its(d)[-1] == int(stop[1]) and read_checkpoint(d/f'checkpoint_iter_{stop[1]}.pt')['iteration'] == int(stop[1]), r
 
 
 # ---------------------------------------------------------------------------------------------------- 2-4. rewinds, copies, strays

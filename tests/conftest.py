@@ -4,7 +4,10 @@ tiny run on the built-in byte corpus (`byte_run`), the one runner of the console
 (console log, `metrics.jsonl` through the product's `read_metrics`, checkpoints, W&B offline files, file snapshots).
 
 Every training run here is CPU-sized (`TINY`, as flags `lm.tiny_flags(**over)`): a 1-layer, 32-wide model for 20 steps,
-a few seconds each. Independent processes run two at a time (`lm.in_parallel`): the suite targets 2 cores.
+a few seconds each. Independent processes run two at a time (`lm.in_parallel`): the suite targets 2 cores. Most runs
+are forked from a server that has imported PyTorch once (`tests/zygote.py`): each is still a process of its own running
+the console script's entry point, without the 2-3 s of imports; start-up itself, `python -m`, torchrun and runs with
+resource limits or dropped permissions are exec'd (`LM_BASICS_TEST_FORK=0` exec's them all).
 A test whose tool is missing (npm's Moby Dick, Chromium, setpriv, root for a tmpfs) skips via `lm.missing_tool`,
 which fails instead when LM_BASICS_CI=1 (set by `.ci/run`, which installs them all).
 """
@@ -221,13 +224,100 @@ def no_runaway_processes():
 def no_process_outlives_the_session():
     yield
     _kill(_STARTED); _STARTED.clear()
+    if _ZYGOTE is not None: _ZYGOTE.close()
+
+# ---------------------------------------------------------------------------------------------------- the fork server
+# Most runs are forked from a server that imported PyTorch and lm_basics once (tests/zygote.py): a real process each,
+# without the seconds of imports (the suite starts ~250). Runs whose start-up is under test, `python -m`, torchrun,
+# resource limits, dropped permissions and environment variables read at import time are exec'd as before.
+# LM_BASICS_TEST_FORK=0 exec's every run.
+IMPORT_TIME_ENV = ('OMP_', 'MKL_', 'PYTHON', 'LD_', 'TORCH', 'CUDA', 'KMP_')
+
+class Zygote:
+    "The test process's end of tests/zygote.py: start it, ask for children, hear when they end."
+    def __init__(self, env:dict):
+        import socket, tempfile, threading
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name('zygote.py')), str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log, start_new_session=True)
+        theirs.close()
+        self.sock, self.env, self.lock, self.cv = mine, env, threading.Lock(), threading.Condition()
+        self.pids, self.status, self.next_id, self.dead = {}, {}, 0, False
+        mine.settimeout(120)
+        try: hello = mine.recv(1 << 16)
+        except OSError: hello = b''
+        if not hello: self.proc.kill(); self.proc.wait(); self.log.seek(0); raise RuntimeError(f"fork server did not start:\n{self.log.read().decode()[-3000:]}")
+        mine.settimeout(None)
+        threading.Thread(target=self._read, daemon=True).start()
+    def _read(self):
+        while True:
+            try: msg = self.sock.recv(1 << 16)
+            except OSError: msg = b''
+            with self.cv:
+                if not msg: self.dead = True; self.cv.notify_all(); return
+                m = json.loads(msg)
+                if 'status' in m: self.status[m['pid']] = m['status']
+                else: self.status.pop(m['pid'], None); self.pids[m['id']] = m['pid']   # (a recycled pid's old status)
+                self.cv.notify_all()
+    def spawn(self, entry:str, argv0:str, args:list, cwd, env:dict, out_w:int, err_w:int) -> int:
+        import socket
+        with self.lock:
+            i = self.next_id; self.next_id += 1
+            socket.send_fds(self.sock, [json.dumps(dict(id=i, entry=entry, argv0=argv0, args=args, cwd=str(cwd), env=env)).encode()], [out_w, err_w])
+        with self.cv:
+            self.cv.wait_for(lambda: i in self.pids or self.dead, 60)
+            if i not in self.pids: raise RuntimeError('the fork server did not answer')
+            return self.pids.pop(i)
+    def close(self):
+        import socket
+        try: self.sock.shutdown(socket.SHUT_RDWR)   # the server (and the reader thread, blocked in recv) see the end
+        except OSError: pass
+        self.sock.close()
+        try: self.proc.wait(30)
+        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+
+_ZYGOTE: Zygote|None = None
+
+def zygote() -> Zygote:
+    "This test process's fork server, started on first use with the environment of that moment (the suite's)."
+    global _ZYGOTE
+    if _ZYGOTE is None or _ZYGOTE.dead: _ZYGOTE = Zygote(dict(os.environ))
+    return _ZYGOTE
+
+class Forked:
+    "A child of the fork server, with the parts of `subprocess.Popen` that `Proc` and the tests use."
+    def __init__(self, z:Zygote, script:str, cmd:list, args:list, cwd, env:dict):
+        out_r, out_w = os.pipe(); err_r, err_w = os.pipe()
+        try: self.pid = z.spawn(script.removeprefix('lm_basics_'), cmd[0], args, cwd, env, out_w, err_w)
+        finally: os.close(out_w); os.close(err_w)
+        self.z, self.args, self.returncode = z, cmd, None
+        self.stdout, self.stderr = open(out_r, 'r'), open(err_r, 'r')
+    def poll(self):
+        with self.z.cv:
+            if self.returncode is None and self.pid in self.z.status: self.returncode = os.waitstatus_to_exitcode(self.z.status.pop(self.pid))
+            elif self.returncode is None and self.z.dead: self.returncode = -signal.SIGKILL   # (the server died: not expected)
+        return self.returncode
+    def wait(self, timeout=None):
+        with self.z.cv:
+            if not self.z.cv.wait_for(lambda: self.poll() is not None, timeout): raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+    def kill(self):
+        try: os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+
+def forkable(script:str, module:bool, pre, env:dict|None) -> bool:
+    return (os.environ.get('LM_BASICS_TEST_FORK', '1') != '0' and script.startswith('lm_basics_') and not module and pre is None
+            and not any(k.startswith(IMPORT_TIME_ENV) for k in (env or {})))
 
 class Proc:
     """A running `lm_basics_train` (or another console script) whose output is collected line by line as it arrives.
     `env` adds to (None: removes from) the environment; `preexec` runs in the child before exec (a resource limit, say);
-    `unprivileged` runs it subject to file permissions even as root (see `drop_file_permissions`)."""
+    `unprivileged` runs it subject to file permissions even as root (see `drop_file_permissions`); `fork=False` exec's the
+    console script even where the fork server could run it (tests of start-up)."""
     def __init__(self, args, cwd, env:dict|None=None, script:str='lm_basics_train', preexec=None, module:bool=False,
-                 unprivileged:bool=False):
+                 unprivileged:bool=False, fork:bool=True):
         import threading
         self.args, self.cwd = [str(a) for a in args], Path(cwd)
         prefix, drop = drop_file_permissions() if unprivileged else ([], None)
@@ -236,8 +326,9 @@ class Proc:
         self.cmd = [*prefix, *command(script, module), *self.args]
         full_env = {**os.environ, **(env or {})}
         for k in [k for k, v in full_env.items() if v is None]: del full_env[k]   # None unsets a variable
-        self.p = subprocess.Popen(self.cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL, text=True, start_new_session=True, preexec_fn=pre)
+        if fork and not prefix and forkable(script, module, pre, env): self.p = Forked(zygote(), script, self.cmd, self.args, cwd, full_env)
+        else: self.p = subprocess.Popen(self.cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        stdin=subprocess.DEVNULL, text=True, start_new_session=True, preexec_fn=pre)
         self.pid, self.out, self.err, self._cv = self.p.pid, [], [], threading.Condition()
         _STARTED.append(self)
         self._threads = [threading.Thread(target=self._pump, args=(s, l), daemon=True) for s, l in ((self.p.stdout, self.out), (self.p.stderr, self.err))]

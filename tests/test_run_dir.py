@@ -218,7 +218,7 @@ def test_signal_during_startup(lm, corpus, tmp_path):
     "Ctrl-C or SIGTERM while the tool is still starting (importing PyTorch takes seconds): one line, 128 + signal, nothing written."
     d = tmp_path/'run'
     for sig, code, word in ((signal.SIGINT, 130, 'SIGINT'), (signal.SIGTERM, 143, 'SIGTERM')):
-        p = lm.start(*flags(lm, corpus, max_iters=20), '--checkpoint_dir', d, cwd=tmp_path)
+        p = lm.start(*flags(lm, corpus, max_iters=20), '--checkpoint_dir', d, cwd=tmp_path, fork=False)   # exec'd: PyTorch imports
         while not catches(p.pid, signal.SIGTERM): time.sleep(0.005)   # the entry point's handlers are in place (Python
         p.signal(sig)                                                 # itself catches no SIGTERM); PyTorch is still importing
         r = p.finish()

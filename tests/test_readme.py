@@ -48,7 +48,7 @@ def test_demo_command_runs_and_continues(lm, tmp_path):
     small = ['--max_iters', '10', '--warmup_iters', '2', '--log_interval', '5', '--eval_interval', '5', '--eval_iters', '2',
              '--checkpoint_interval', '5', '--batch_size', '4', '--context_length', '32', '--d_model', '32', '--num_heads', '2',
              '--d_ff', '64', '--num_layers', '1']
-    first = lm.run(*demo, *small, cwd=tmp_path).ok()
+    first = lm.run(*demo, *small, cwd=tmp_path, fork=False).ok()   # the installed console script itself, as a reader runs it
     out = tmp_path/'runs'/'demo'
     assert sorted(p.name for p in out.glob('checkpoint_iter_*.pt')) == ['checkpoint_iter_10.pt', 'checkpoint_iter_5.pt']
     cache = Path(os.environ['LM_BASICS_CACHE'])/'shakespeare_bytes'

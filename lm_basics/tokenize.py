@@ -227,29 +227,53 @@ def _alive(pid:int) -> bool:
     except PermissionError: pass
     return True
 
-def _make_work_dir(out:Path) -> tuple[Path, list[Path]]:
-    "Create `out` (if missing) and a temporary directory inside it; return it and the directories created."
+def _preparing(out:Path) -> list[int]:
+    "Pids of the live processes with a temporary directory in `out`."
+    pids = [int(d.name[len('.prepare-'):]) for d in out.glob('.prepare-*') if d.name[len('.prepare-'):].isdigit()]
+    return [p for p in pids if p != os.getpid() and _alive(p)]
+
+def _lock_out_dir(out:Path, force:bool) -> int:
+    "Lock `out` for this process (held until the descriptor is closed); refuse if another prepare holds it."
+    import fcntl
+    fd = os.open(out, os.O_RDONLY)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        who = ', '.join(f'pid {p}' for p in _preparing(out)) or 'another process'
+        raise LMBasicsError(f"{out} is being written by another lm_basics_prepare ({who}); wait for it to finish, or choose another --out") from None
+    try: _check_out_dir(out, force)   # again, under the lock: one that finished since the first check has written there
+    except BaseException: os.close(fd); raise
+    return fd
+
+def _make_work_dir(out:Path, force:bool=False) -> tuple[Path, list[Path], int]:
+    "Create `out` (if missing), lock it, and make a temporary directory inside it; return it, the directories created and the lock."
     created, p = [], out
     while not p.exists(): created.append(p); p = p.parent
-    for old in out.glob('.prepare-*') if out.is_dir() else []:   # left by a process that was killed outright
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: return _unwritable(out, created, e)
+    try: lock = _lock_out_dir(out, force)
+    except BaseException: _remove_created(created); raise
+    for old in out.glob('.prepare-*'):   # left by a process that was killed outright (none can be alive: the lock is ours)
         if old.name[len('.prepare-'):].isdigit() and not _alive(int(old.name[len('.prepare-'):])): shutil.rmtree(old, ignore_errors=True)
     try:
-        out.mkdir(parents=True, exist_ok=True)
         work = out/f'.prepare-{os.getpid()}'
         work.mkdir()
         (work/'probe').write_bytes(b''); (work/'probe').unlink()
-    except OSError as e:
-        for c in created:
-            try: c.rmdir()
-            except OSError: pass
-        raise LMBasicsError(f"cannot write to the output directory {out} ({e.strerror}); choose a writable --out") from None
-    return work, created
+    except OSError as e: os.close(lock); return _unwritable(out, created, e)
+    return work, created, lock
 
-def _cleanup(work:Path, created:list[Path]):
-    shutil.rmtree(work, ignore_errors=True)
+def _remove_created(created:list[Path]):
     for c in created:   # deepest first
         try: c.rmdir()
         except OSError: pass
+
+def _unwritable(out:Path, created:list[Path], e:OSError):
+    _remove_created(created)
+    raise LMBasicsError(f"cannot write to the output directory {out} ({e.strerror}); choose a writable --out") from None
+
+def _cleanup(work:Path, created:list[Path]):
+    shutil.rmtree(work, ignore_errors=True)
+    _remove_created(created)
 
 # %% ../nbs/05_tokenize.ipynb #94116f81
 def prepare(inputs:list[str], # text files, folders of them, or glob patterns
@@ -280,7 +304,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     for f in files:
         if f.stat().st_size == 0: raise LMBasicsError(f"input {f} is empty; remove it from the inputs")
-    work, created = _make_work_dir(out)
+    work, created, lock = _make_work_dir(out, force)
     writers = {}
     try:
         # -- scan: validate, hash and count documents
@@ -388,6 +412,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
         for w in writers.values(): w.f.close()
         _cleanup(work, created)
         raise
+    finally: os.close(lock)   # the next prepare into `out` may start
     stats = dict(encode_seconds=round(seconds, 3), encode_mb_per_s=round(total / 1e6 / max(seconds, 1e-9), 3), peak_rss_mb=round(peak_rss_mb(), 1))
     say(f"Encoded {total / 1e6:.1f} MB in {seconds:.1f} s ({stats['encode_mb_per_s']:.2f} MB/s): {n_train + n_val:,} tokens, "
         f"{meta['bytes_per_token']:.2f} bytes/token; peak RSS {stats['peak_rss_mb']:.0f} MiB")

@@ -13,6 +13,7 @@ files (the Shakespeare plays as bytes) doing what careful and careless users do.
 | Ctrl-C or SIGTERM during start-up | one line saying so (exit 130 / 143), nothing written | `test_signal_during_startup` |
 | a run killed before its first checkpoint | its directory holds no run: the same command runs | `test_directory_without_a_checkpoint_holds_no_run` |
 | a second Ctrl-C while a checkpoint is being written | exit 130, says it was interrupted, no temporary file, the previous checkpoint intact | `test_second_ctrl_c_while_saving` |
+| two `lm_basics_prepare` jobs into one `--out` at once | the second is refused at once, naming the first's pid; the first's files stay; `--force` afterwards replaces them | `test_two_prepares_into_one_directory` |
 | `--sample_tokens` with no tokenizer beside the data | refused before training; a run directory keeps its own tokenizer, which generation prefers | `test_sample_needs_a_tokenizer_and_the_run_keeps_its_own` |
 | a planned run trained in chunks (`--lr_decay_iters`) | bit-identical to one uninterrupted run, with the same records | `test_training_in_chunks_is_one_run` |
 """
@@ -359,6 +360,25 @@ def test_prepare_after_a_kill_cleans_up(lm, plays_dir, tmp_path):
     r = _prepare(lm, plays_dir, '--out', out, '--vocab_size', 400, cwd=tmp_path).finish()
     assert r.returncode == 0, r
     assert not list(out.glob('.prepare-*')) and (out/'train.npy').exists()
+
+def test_two_prepares_into_one_directory(lm, plays_dir, tmp_path):
+    """Two lm_basics_prepare jobs into the same --out at once (vocabularies 2000 and 400, say): the second is refused at
+    once, naming the first's pid, and the first's files are what the directory holds; after it, --force replaces them.
+    (Without the lock both wrote, the later replacing the earlier's finished files one by one, or mixing them.)"""
+    out = tmp_path/'data'
+    first = _prepare(lm, plays_dir, '--out', out, '--vocab_size', 2000, cwd=tmp_path)
+    with killed_after(first):
+        deadline = time.monotonic() + 120
+        while not (out.exists() and list(out.glob('.prepare-*'))):   # it holds the directory
+            assert time.monotonic() < deadline and first.p.poll() is None, first
+            time.sleep(0.01)
+        second = _prepare(lm, plays_dir, '--out', out, '--vocab_size', 400, cwd=tmp_path).finish()
+        second.error(str(out), 'being written by another lm_basics_prepare', f'pid {first.pid}', 'another --out')
+        assert first.finish().returncode == 0, first
+    assert json.loads((out/'meta.json').read_text())['vocab_size'] == 2000 and not list(out.glob('.prepare-*'))
+    _prepare(lm, plays_dir, '--out', out, '--vocab_size', 400, cwd=tmp_path).finish().error('already holds prepared data', '--force')
+    assert _prepare(lm, plays_dir, '--out', out, '--vocab_size', 400, '--force', cwd=tmp_path).finish().returncode == 0
+    assert json.loads((out/'meta.json').read_text())['vocab_size'] == 400
 
 def test_prepare_text_without_whitespace(lm, tmp_path):
     "4 MB with no whitespace at all (one 'word' per file, as for base64 or DNA) trains and encodes in bounded time, losslessly."

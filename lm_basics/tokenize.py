@@ -253,13 +253,16 @@ def _make_work_dir(out:Path, force:bool=False) -> tuple[Path, list[Path], int]:
     except OSError as e: return _unwritable(out, created, e)
     try: lock = _lock_out_dir(out, force)
     except BaseException: _remove_created(created); raise
-    for old in out.glob('.prepare-*'):   # left by a process that was killed outright (none can be alive: the lock is ours)
-        if old.name[len('.prepare-'):].isdigit() and not _alive(int(old.name[len('.prepare-'):])): shutil.rmtree(old, ignore_errors=True)
+    work = out/f'.prepare-{os.getpid()}'
     try:
-        work = out/f'.prepare-{os.getpid()}'
+        for old in out.glob('.prepare-*'):   # left by a process that was killed outright (none can be alive: the lock is ours)
+            if old.name[len('.prepare-'):].isdigit() and not _alive(int(old.name[len('.prepare-'):])): shutil.rmtree(old, ignore_errors=True)
         work.mkdir()
         (work/'probe').write_bytes(b''); (work/'probe').unlink()
-    except OSError as e: os.close(lock); return _unwritable(out, created, e)
+    except BaseException as e:   # unwritable, or a signal right now: nothing is left behind either way
+        shutil.rmtree(work, ignore_errors=True); os.close(lock)
+        if isinstance(e, OSError): return _unwritable(out, created, e)
+        _remove_created(created); raise
     return work, created, lock
 
 def _remove_created(created:list[Path]):
@@ -304,8 +307,8 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     for f in files:
         if f.stat().st_size == 0: raise LMBasicsError(f"input {f} is empty; remove it from the inputs")
-    work, created, lock = _make_work_dir(out, force)
     writers = {}
+    work, created, lock = _make_work_dir(out, force)   # from here on, the `except` below cleans up
     try:
         # -- scan: validate, hash and count documents
         sources, total = [], sum(f.stat().st_size for f in files)

@@ -337,9 +337,8 @@ def test_prepare_stopped_cleanly(lm, plays_dir, tmp_path, sig):
     out = tmp_path/'data'
     p = _prepare(lm, plays_dir, '--out', out, '--vocab_size', 2000, cwd=tmp_path)
     deadline = time.monotonic() + 120
-    while not list(out.glob('.prepare-*')) if out.exists() else True:   # it has started writing
-        assert time.monotonic() < deadline and p.p.poll() is None, p
-        time.sleep(0.01)
+    while not list(out.glob('.prepare-*')) if out.exists() else True:   # the signal comes the instant the temporary directory
+        assert time.monotonic() < deadline and p.p.poll() is None, p  # appears (a window that once left it behind)
     p.signal(sig)
     r = p.finish()
     assert r.returncode == 128 + sig and 'Traceback' not in r.stdout + r.stderr, r

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_tokenize.ipynb #a6316642
 from __future__ import annotations
-import codecs, glob, hashlib, json, math, os, re, shutil, sys, time
+import codecs, errno, glob, hashlib, json, math, os, re, shutil, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -411,9 +411,15 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
         (work/'meta.json').write_text(json.dumps(meta, indent=2) + '\n')
         for n in PREPARED_FILES: os.replace(work/n, out/n)
         work.rmdir()
-    except BaseException:
-        for w in writers.values(): w.f.close()
+    except BaseException as e:
+        for w in writers.values():
+            try: w.f.close()
+            except OSError: pass   # a full disk fails the close's flush too
         _cleanup(work, created)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or 'No space left on device' in str(e):
+            why = getattr(e, 'strerror', None) or 'No space left on device'   # (the tokenizer's own save says it in its message)
+            raise LMBasicsError(f"cannot write the prepared data in {out} ({why}); nothing was kept; free disk space or "
+                                f"choose another --out (the token files take 2 bytes per token, 4 past 65,536 ids)") from None
         raise
     finally: os.close(lock)   # the next prepare into `out` may start
     stats = dict(encode_seconds=round(seconds, 3), encode_mb_per_s=round(total / 1e6 / max(seconds, 1e-9), 3), peak_rss_mb=round(peak_rss_mb(), 1))

@@ -325,6 +325,19 @@ def test_disk_full_while_logging_is_a_clear_error(tmp_path, base, lm):
         p.error('No space left')
     finally: subprocess.run(['umount', '-l', str(mnt)])
 
+def test_disk_full_while_preparing_is_a_clear_error(tmp_path, lm):
+    "lm_basics_prepare onto a full disk: one clear error, exit 2, and nothing left behind, not even the directory it made."
+    from lm_basics.data import shakespeare_plays
+    texts = tmp_path/'texts'; texts.mkdir()
+    for n, t in list(shakespeare_plays().items())[:6]: (texts/f'{n}.txt').write_text(t)   # about 0.7 MB of text
+    mnt = tmp_path/'tiny'
+    mount_small_tmpfs(mnt, 256 * 1024, lm)   # its token files alone need about 0.75 MB
+    try:
+        r = lm.run(texts, '--out', mnt/'data', '--vocab_size', 512, '--no-progress', cwd=tmp_path, script='lm_basics_prepare')
+        r.error('cannot write the prepared data', str(mnt/'data'), 'No space left', 'free disk space', 'nothing was kept')
+        assert list(mnt.iterdir()) == []
+    finally: subprocess.run(['umount', '-l', str(mnt)])
+
 # ------------------------------------------------------------------------------------------- 7. preemption
 
 SIGNALS = ['SIGTERM', 'SIGINT']

@@ -11,9 +11,9 @@ import torch
 from .core import LMBasicsError, resolve_device, cache_dir
 
 # %% auto #0
-__all__ = ['INT_DTYPES', 'BUILTIN_DATASETS', 'open_tokens', 'save_tokens', 'release_pages', 'check_token_ids', 'load_tokens',
-           'DataChanged', 'check_unchanged', 'data_changed', 'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb',
-           'shakespeare_plays', 'builtin_dataset']
+__all__ = ['INT_DTYPES', 'SEEN_CHANGED', 'BUILTIN_DATASETS', 'open_tokens', 'save_tokens', 'release_pages', 'check_token_ids',
+           'load_tokens', 'DataChanged', 'check_unchanged', 'data_changed', 'changed_elsewhere', 'get_batch',
+           'BatchPrefetcher', 'rss_mb', 'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
 
 # %% ../nbs/01_data.ipynb #3e576d4c
 INT_DTYPES = ('uint8', 'uint16', 'uint32', 'uint64', 'int16', 'int32', 'int64')
@@ -148,6 +148,10 @@ def data_changed(path, # the token file
     return DataChanged(f"token file {path} {what} while the run was using it; put the file back as it was (or prepare the data "
                        f"into a new directory), then continue with --resume auto")
 
+def changed_elsewhere(data:np.ndarray) -> DataChanged:
+    "The error on a process of a distributed run whose own check passed, when another process saw `data`'s file change."
+    return data_changed(data.stamp[0], 'changed (seen by another process of this run)')
+
 # %% ../nbs/01_data.ipynb #39b44d6a
 def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
               batch_size:int, # B, rows in the batch
@@ -173,6 +177,8 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
     return x.to(device), y.to(device)
 
 # %% ../nbs/01_data.ipynb #4e38f469
+SEEN_CHANGED = 1 << 8   # in `BatchPrefetcher.agree`'s vote, above every signal number: a token file changed
+
 class BatchPrefetcher:
     "Batches from `get_batch`, fetched one ahead, so that the next batch's gather and host→device copy overlap the current step."
     def __init__(self, data:np.ndarray, # 1-D token array (usually a memmap)
@@ -186,6 +192,7 @@ class BatchPrefetcher:
         self.args = (data, batch_size, context_length, device)
         self.generator, self.rank, self.world, self.accum, self.vote = generator, rank, world_size, accum, vote
         self.pending, self.micro, self.step_state, self.error = None, 0, None, None   # micro: the micro-step the next fetch is for
+        self.agreed = False   # the ranks have voted on the batch fetched ahead (`agree`)
 
     def prefetch(self):
         "Fetch the next batch now (once), while the device is busy with the current step."
@@ -199,11 +206,24 @@ class BatchPrefetcher:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         "The next `(x, y)`: the one fetched ahead, or a fresh one."
         self.prefetch()
-        if self.vote is not None and self.vote(int(self.error is not None)) and self.error is None:   # another rank saw it
-            self.error = data_changed(self.args[0].stamp[0], 'changed (seen by another process of this run)')
+        if self.vote is not None and not self.agreed and self.vote(int(self.error is not None)) and self.error is None:
+            self.error = changed_elsewhere(self.args[0])   # another rank saw it
+        self.agreed = False
         if self.error is not None: raise self.error
         batch, self.pending = self.pending, None
         return batch
+
+    def agree(self, flag:int=0, # this rank's own vote (a signal number, 0 for none)
+             ) -> int:
+        """The vote the ranks take at the end of every step (with `vote`; alone, `flag` itself): the largest `flag`, and
+        whether any rank saw its token file change while fetching the next batch, which then raises on every rank at the
+        next `next()`. That batch needs no vote of its own: with one micro-batch per step, the check costs no collective."""
+        if self.vote is None: return flag
+        if self.pending is None and self.error is None: return self.vote(flag)   # nothing fetched ahead to agree on
+        v = self.vote(flag + SEEN_CHANGED * (self.error is not None))
+        if v >= SEEN_CHANGED and self.error is None: self.error = changed_elsewhere(self.args[0])
+        self.agreed = True
+        return v % SEEN_CHANGED
 
     def generator_state(self) -> torch.Tensor:
         "The generator's state at the start of the step not yet trained on (nothing fetched ahead): what a checkpoint saves."

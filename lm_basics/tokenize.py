@@ -227,10 +227,9 @@ def _alive(pid:int) -> bool:
     except PermissionError: pass
     return True
 
-def _preparing(out:Path) -> list[int]:
-    "Pids of the live processes with a temporary directory in `out`."
-    pids = [int(d.name[len('.prepare-'):]) for d in out.glob('.prepare-*') if d.name[len('.prepare-'):].isdigit()]
-    return [p for p in pids if p != os.getpid() and _alive(p)]
+def _work_dirs(out:Path) -> dict[int, Path]:
+    "The temporary directories in `out` (`.prepare-PID`), by the pid of the process that made each."
+    return {int(d.name[len('.prepare-'):]): d for d in out.glob('.prepare-*') if d.name[len('.prepare-'):].isdigit()}
 
 def _lock_out_dir(out:Path, force:bool) -> int:
     "Lock `out` for this process (held until the descriptor is closed); refuse if another prepare holds it."
@@ -239,7 +238,7 @@ def _lock_out_dir(out:Path, force:bool) -> int:
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        who = ', '.join(f'pid {p}' for p in _preparing(out)) or 'another process'
+        who = ', '.join(f'pid {p}' for p in _work_dirs(out) if p != os.getpid() and _alive(p)) or 'another process'
         raise LMBasicsError(f"{out} is being written by another lm_basics_prepare ({who}); wait for it to finish, or choose another --out") from None
     try: _check_out_dir(out, force)   # again, under the lock: one that finished since the first check has written there
     except BaseException: os.close(fd); raise
@@ -250,18 +249,18 @@ def _make_work_dir(out:Path, force:bool=False) -> tuple[Path, list[Path], int]:
     created, p = [], out
     while not p.exists(): created.append(p); p = p.parent
     try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: return _unwritable(out, created, e)
+    except OSError as e: raise _unwritable(out, created, e) from None
     try: lock = _lock_out_dir(out, force)
     except BaseException: _remove_created(created); raise
     work = out/f'.prepare-{os.getpid()}'
     try:
-        for old in out.glob('.prepare-*'):   # left by a process that was killed outright (none can be alive: the lock is ours)
-            if old.name[len('.prepare-'):].isdigit() and not _alive(int(old.name[len('.prepare-'):])): shutil.rmtree(old, ignore_errors=True)
+        for pid, old in _work_dirs(out).items():   # left by a process that was killed outright (none can be alive: the lock is ours)
+            if not _alive(pid): shutil.rmtree(old, ignore_errors=True)
         work.mkdir()
         (work/'probe').write_bytes(b''); (work/'probe').unlink()
     except BaseException as e:   # unwritable, or a signal right now: nothing is left behind either way
         shutil.rmtree(work, ignore_errors=True); os.close(lock)
-        if isinstance(e, OSError): return _unwritable(out, created, e)
+        if isinstance(e, OSError): raise _unwritable(out, created, e) from None
         _remove_created(created); raise
     return work, created, lock
 
@@ -270,9 +269,10 @@ def _remove_created(created:list[Path]):
         try: c.rmdir()
         except OSError: pass
 
-def _unwritable(out:Path, created:list[Path], e:OSError):
+def _unwritable(out:Path, created:list[Path], e:OSError) -> LMBasicsError:
+    "Remove the directories made for `out`; the error to raise."
     _remove_created(created)
-    raise LMBasicsError(f"cannot write to the output directory {out} ({e.strerror}); choose a writable --out") from None
+    return LMBasicsError(f"cannot write to the output directory {out} ({e.strerror}); choose a writable --out")
 
 def _cleanup(work:Path, created:list[Path]):
     shutil.rmtree(work, ignore_errors=True)
@@ -416,7 +416,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
             try: w.f.close()
             except OSError: pass   # a full disk fails the close's flush too
         _cleanup(work, created)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or 'No space left on device' in str(e):
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or 'No space left on device' in str(e):
             why = getattr(e, 'strerror', None) or 'No space left on device'   # (the tokenizer's own save says it in its message)
             raise LMBasicsError(f"cannot write the prepared data in {out} ({why}); nothing was kept; free disk space or "
                                 f"choose another --out (the token files take 2 bytes per token, 4 past 65,536 ids)") from None

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .core import LMBasicsError, Interrupted, cli_errors, resolve_device
-from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged, data_changed
+from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged, changed_elsewhere
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, learning_rate, clip_grad_norm
 from .tokenize import load_tokenizer
@@ -123,7 +123,7 @@ def evaluate(model, # the model, or the step's (compiled, wrapped) forward
         with autocast_context(device, dtype): total += model(x, targets=y, loss_chunk=loss_chunk)
     model.train(was_training)
     if all_mean(float(changed is not None), device) > 0:
-        raise changed or data_changed(data.stamp[0], 'changed (seen by another process of this run)')
+        raise changed or changed_elsewhere(data)
     return all_mean(total / eval_iters, device)
 
 # %% ../nbs/10_train.ipynb #e54e539d
@@ -413,7 +413,7 @@ def train(cfg:TrainConfig, # the settings of the run
                     dt = (time.perf_counter() - t_log) / since_log
                     t_log, since_log = time.perf_counter(), 0
                     log_step(records, console, it - 1, all_mean(res.loss, device), res.grad_norm.item(), lr, dt, tokens_per_iter, flops_per_iter / world, peak)
-                if stopped := any_rank(stop.requested or 0, group): break   # every rank stops at the same step
+                if stopped := batches.agree(stop.requested or 0): break   # every rank stops at the same step (a changed file: next step)
             # 5. the end
             if stopped:
                 path = save_run(it, *saving)

@@ -4,13 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #a6316642
 from __future__ import annotations
-import argparse, dataclasses, functools, importlib, inspect, os, re, signal, sys, threading, typing
+import argparse, dataclasses, difflib, errno, functools, importlib, inspect, os, re, signal, sys, threading, typing
 from pathlib import Path
 import torch
 from fastcore.docments import docments
 
 # %% auto #0
-__all__ = ['LMBasicsError', 'Interrupted', 'cli_errors', 'resolve_device', 'cache_dir', 'convert', 'docs_of', 'CLIParser']
+__all__ = ['LMBasicsError', 'Interrupted', 'cli_errors', 'Console', 'resolve_device', 'cache_dir', 'convert', 'docs_of',
+           'CLIParser']
 
 # %% ../nbs/00_core.ipynb #3e576d4c
 class LMBasicsError(Exception):
@@ -26,7 +27,7 @@ class Interrupted(KeyboardInterrupt):
 def _interrupt(signum, frame): raise Interrupted(signum)
 
 def cli_errors(main):
-    "Decorate a CLI entry point: `LMBasicsError` prints one `error:` line and exits 2; Ctrl-C or SIGTERM exits 128 + signal."
+    "Decorate a CLI entry point: `LMBasicsError` prints one `error:` line and exits 2; Ctrl-C, SIGTERM or a closed pipe exit 128 + signal."
     @functools.wraps(main)
     def _inner(*args, **kwargs):
         if threading.current_thread() is threading.main_thread():
@@ -36,11 +37,42 @@ def cli_errors(main):
             rank = os.environ.get('RANK', '0') if 'WORLD_SIZE' in os.environ else '0'
             print(f"error: {e}" if rank == '0' else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except BrokenPipeError:   # the reader went away (`| head`) in a tool that prints with plain `print`
+            _silence(sys.stdout); sys.exit(128 + signal.SIGPIPE)
         except KeyboardInterrupt as e:
             signum, message = getattr(e, 'signum', signal.SIGINT), getattr(e, 'message', None)
             print(f"\n{message or f'Interrupted by {signal.Signals(signum).name}: stopped; nothing half-written was kept'}", file=sys.stderr, flush=True)
             sys.exit(128 + signum)
     return _inner
+
+# %% ../nbs/00_core.ipynb #c045f2d4
+class Console:
+    "Where a tool prints: rank 0 only, flushed per line, and never fatal: a reader that goes away stops the printing, not the work."
+    def __init__(self, f=None, # where to print (default: stdout)
+                 quiet:bool=False, # print nothing (ranks other than 0)
+                ):
+        self.f, self.quiet, self.lost = f or sys.stdout, quiet, None   # `lost`: the OSError that ended the printing
+    def say(self, *args, end:str='\n'):
+        "Print a line (and flush)."
+        if not self.quiet: print(*args, file=self, end=end, flush=True)
+    def write(self, s):
+        if self.lost is None and not self.quiet: self._try(self.f.write, s)
+    def flush(self):
+        if self.lost is None and not self.quiet: self._try(self.f.flush)
+    def _try(self, fn, *args):
+        try: fn(*args)
+        except (OSError, ValueError) as e:   # EPIPE (`| head`), ENOSPC (stdout on a full disk), a closed file
+            self.lost = e if isinstance(e, OSError) else BrokenPipeError(str(e))
+            _silence(self.f)
+    @property
+    def closed_by_reader(self) -> bool:
+        "Whether the printing stopped because the reader went away (`| head`), not because writing failed."
+        return isinstance(self.lost, BrokenPipeError)
+
+def _silence(f):
+    "Point `f`'s descriptor at /dev/null, so that Python's own flush at exit stays quiet too."
+    try: os.dup2(os.open(os.devnull, os.O_WRONLY), f.fileno())
+    except (OSError, ValueError, AttributeError): pass
 
 # %% ../nbs/00_core.ipynb #a7ab13e7
 def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
@@ -94,6 +126,8 @@ def convert(value, # a string from the command line, or a value from a JSON file
     if base is list:
         if isinstance(value, str): return [s.strip() for s in value.split(',') if s.strip()]
         if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value): return list(value)
+        if isinstance(value, (list, tuple)):
+            raise LMBasicsError(f"{source or '--' + name}: {name} must be a list of strings, got {value!r}; quote each item")
         raise bad()
     if base is bool:
         if isinstance(value, bool): return value
@@ -154,7 +188,26 @@ class CLIParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$')
         self.defaults = {}
-    def error(self, message): raise LMBasicsError(f"{message}; see {self.prog} --help")
+    def error(self, message):
+        if message.startswith('unrecognized arguments:') and (near := self._closest(message)): message += f" (did you mean {near}?)"
+        raise LMBasicsError(f"{message}; see {self.prog} --help")
+
+    def _closest(self, message:str) -> str|None:
+        "The flag nearest the first unknown one in argparse's `message` (a misspelling's likely meaning)."
+        unknown = next((a.split('=')[0] for a in message.split()[2:] if a.startswith('-')), None)
+        flags = [s for s in self._option_string_actions if s.startswith('--')]
+        return next(iter(difflib.get_close_matches(unknown, flags, n=1, cutoff=0.7)), None) if unknown else None
+
+    def _given_twice(self, argv:list[str]):
+        "Refuse a setting given twice on one command line (`--lr 1 --lr 2`, or `--lr` and its alias `--max-lr`)."
+        seen = {}
+        for a in argv:
+            if a == '--': break
+            act = self._option_string_actions.get(a.split('=', 1)[0]) if a.startswith('--') else None
+            if act is None or act.dest == 'help': continue
+            if act.dest in seen:
+                raise LMBasicsError(f"{seen[act.dest]} and {a.split('=', 1)[0]} both set {act.dest}: give it once; see {self.prog} --help")
+            seen[act.dest] = a.split('=', 1)[0]
 
     def add_argument(self, *args, **kwargs):
         "argparse's `add_argument`, with the default kept aside: the flag stays absent unless given, and `parse` fills it in."
@@ -192,5 +245,6 @@ class CLIParser(argparse.ArgumentParser):
     def parse(self, argv:list[str]|None=None, # the arguments (default: `sys.argv[1:]`)
              ) -> tuple[dict, set[str]]:
         "Parse `argv`: every setting (defaults filled in) and the set of names given on the command line."
+        self._given_twice(sys.argv[1:] if argv is None else [str(a) for a in argv])
         given = vars(self.parse_args(argv))
         return {**self.defaults, **given}, set(given)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from .core import LMBasicsError, Interrupted, cli_errors, resolve_device
+from .core import LMBasicsError, Interrupted, cli_errors, resolve_device, Console
 from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged, changed_elsewhere
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, learning_rate, clip_grad_norm
@@ -25,10 +25,9 @@ from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, se
                                out_of_memory, MEMORY_FIX)
 
 # %% auto #0
-__all__ = ['NO_BUFFER_SYNC', 'StepResult', 'TrainStep', 'evaluate', 'RunState', 'Console', 'StopSignal', 'data_paths',
-           'check_meta', 'run_tokenizer', 'set_learning_rates', 'bytes_per_token', 'plan_and_check', 'load_data',
-           'evaluate_run', 'save_run', 'log_eval', 'train', 'build_model', 'decide_compile', 'claim_run_dir',
-           'log_step', 'main']
+__all__ = ['NO_BUFFER_SYNC', 'StepResult', 'TrainStep', 'evaluate', 'RunState', 'StopSignal', 'data_paths', 'check_meta',
+           'run_tokenizer', 'set_learning_rates', 'bytes_per_token', 'plan_and_check', 'load_data', 'evaluate_run',
+           'save_run', 'log_eval', 'train', 'build_model', 'decide_compile', 'claim_run_dir', 'log_step', 'main']
 
 # %% ../nbs/10_train.ipynb #3e576d4c
 @dataclass
@@ -159,30 +158,6 @@ class RunState:
     def complete(self, max_iters:int) -> bool:
         "Whether the run has ended at or beyond `max_iters` (rerunning it has nothing to do)."
         return self.final is not None and self.iteration >= max_iters
-
-# %% ../nbs/10_train.ipynb #8cde0c8b
-class Console:
-    "The run's console: prints on rank 0 only, and keeps training going if its reader goes away (`| head`, a closed terminal)."
-    def __init__(self, f=None, # where to print (default: stdout)
-                 quiet:bool=False, # print nothing (ranks other than 0)
-                ):
-        self.f, self.quiet, self.lost = f or sys.stdout, quiet, False
-    def say(self, *args):
-        "Print a line (and flush)."
-        if not self.quiet: print(*args, file=self, flush=True)
-    def write(self, s):
-        if self.lost or self.quiet: return
-        try: self.f.write(s)
-        except (BrokenPipeError, ValueError): self._lose()
-    def flush(self):
-        if self.lost or self.quiet: return
-        try: self.f.flush()
-        except (BrokenPipeError, ValueError): self._lose()
-    def _lose(self):
-        self.lost = True
-        try:   # point the descriptor at /dev/null so that Python's own flush at exit stays quiet too
-            fd = self.f.fileno(); os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
-        except (OSError, ValueError, AttributeError): pass
 
 # %% ../nbs/10_train.ipynb #4b15ba01
 class StopSignal:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_checkpoint.ipynb #a6316642
 from __future__ import annotations
-import fcntl, io, json, os, re, pickle, random, socket, sys, time, uuid, warnings
+import fcntl, io, json, os, re, pickle, pickletools, random, socket, sys, time, uuid, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -17,7 +17,8 @@ from .core import LMBasicsError
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'CHECKPOINT_RE', 'RUN_FILE', 'LOCK_FILE', 'checkpoint_path', 'unwrap_model', 'full_state_dicts',
            'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'list_checkpoints', 'clean_temporary_files',
-           'checkpoint_identity', 'new_run_id', 'RunDir', 'RunPlan', 'plan_run', 'rng_state', 'set_rng_state']
+           'checkpoint_identity', 'new_run_id', 'RunDir', 'RunPlan', 'check_overwrites', 'plan_run', 'rng_state',
+           'set_rng_state']
 
 # %% ../nbs/04_checkpoint.ipynb #3e576d4c
 FORMAT_VERSION = 2   # 2: train_state carries the run's identity (run_id)
@@ -105,6 +106,14 @@ def _strip_prefixes(sd:dict) -> dict:
         out[k] = v
     return out
 
+_CODE_OPS = {'GLOBAL', 'STACK_GLOBAL', 'INST', 'OBJ', 'NEWOBJ', 'NEWOBJ_EX', 'REDUCE'}
+
+def _names_code(e:Exception, head:bytes) -> bool:
+    "Whether a failed safe load met a pickle that constructs Python objects (not merely bytes that fail to parse)."
+    if re.search(r'Unsupported global: GLOBAL [A-Za-z_]\w*(\.[A-Za-z_]\w*)+ ', str(e)): return True   # torch names the object
+    try: return bool(_CODE_OPS & {op.name for op, _, _ in pickletools.genops(head)})   # a whole, valid bare pickle only:
+    except Exception: return False                                                     # random bytes never parse to STOP
+
 def read_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary file object
                    ) -> dict:
     "Load a checkpoint dictionary with `weights_only=True` and check that it is one of ours."
@@ -116,21 +125,19 @@ def read_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary
         if p.is_dir(): raise LMBasicsError(f"checkpoint {p} is a directory; pass a checkpoint_iter_N.pt file (or --resume auto)")
         if p.stat().st_size == 0: raise LMBasicsError(f"checkpoint {p} is empty (an interrupted copy?); use another checkpoint")
         try:
-            with open(p, 'rb') as f: head = f.read(2)
+            with open(p, 'rb') as f: head = f.read(1 << 20)
         except OSError as e: raise LMBasicsError(f"cannot read checkpoint {p} ({e.strerror}); fix its permissions") from None
     try:
         with warnings.catch_warnings():   # torch warns about some pickle protocols before refusing them
             warnings.simplefilter('ignore')
             ckpt = torch.load(src, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        # a GLOBAL opcode names a Python object to construct; a bare pickle (not a zip archive) is not a torch checkpoint
-        if 'Unsupported global' in str(e) or 'GLOBAL' in str(e) or head.startswith(b'\x80'):
+    except Exception as e:   # a text file or random bytes reach the unpickler's insides: KeyError, IndexError, Unicode...
+        if _names_code(e, head):
             raise LMBasicsError(f"refusing to load {name}: it contains Python objects other than tensors and plain values, "
                                 f"and unpickling them could run code; use a checkpoint saved by lm_basics") from None
-        raise LMBasicsError(f"{name} is not a readable checkpoint (corrupt or not a PyTorch file); use another checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError, IndexError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0][:80]
-        raise LMBasicsError(f"{name} is not a readable checkpoint (truncated or corrupt: {why}); use another checkpoint") from None
+        why = (str(e).splitlines() or [''])[0][:80] if isinstance(e, (RuntimeError, EOFError, OSError)) else ''
+        raise LMBasicsError(f"{name} is not a readable checkpoint (truncated or corrupt{': ' + why if why else ''}, "
+                            f"or not a PyTorch file); use another checkpoint") from None
     if not isinstance(ckpt, dict) or 'model_state_dict' not in ckpt or 'iteration' not in ckpt:
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise LMBasicsError(f"{name} is not an lm_basics checkpoint (it has {keys}, not model_state_dict/iteration); "
@@ -217,6 +224,18 @@ class RunDir:
             ident = self.identity(p)
             if ident is None or ident['iteration'] != it: continue
             if info is None or ident['run_id'] == info.get('run_id'): out.append((it, p))
+        return out
+
+    def strangers(self) -> list[tuple[int, Path, str]]:
+        "Files named like checkpoints that are not this run's loadable checkpoints, as `(iteration, path, why)`."
+        info, out = self.info(), []
+        for it, p in list_checkpoints(self.path):
+            ident = self.identity(p)
+            if ident is None: why = 'cannot be read'
+            elif ident['iteration'] != it: why = f"holds iteration {ident['iteration']}"
+            elif info is not None and ident['run_id'] != info.get('run_id'): why = f"belongs to run {ident['run_id']}"
+            else: continue
+            out.append((it, p, why))
         return out
 
     def latest(self) -> Path|None:
@@ -308,8 +327,11 @@ def save(self:RunDir, iteration:int, model:nn.Module, optimizer, config:dict, tr
         ) -> Path:
     "Save this run's checkpoint after `iteration` steps, then prune its old ones; return the path."
     info = self.info() if not dist.is_initialized() or dist.get_rank() == 0 else {}
-    path = save_checkpoint(checkpoint_path(self.path, iteration), model, optimizer, iteration, config,
-                           dict(train_state, run_id=(info or {}).get('run_id')))
+    path, run_id = checkpoint_path(self.path, iteration), (info or {}).get('run_id')
+    if info and path.exists() and (self.identity(path) or {}).get('run_id') != run_id:   # never replace what another wrote
+        raise LMBasicsError(f"{path} appeared while this run was training and is not one of its checkpoints; it was left "
+                            f"untouched and iteration {iteration} was not saved: move the file aside, then --resume auto")
+    path = save_checkpoint(path, model, optimizer, iteration, config, dict(train_state, run_id=run_id))
     if not dist.is_initialized() or dist.get_rank() == 0: self.prune(keep_last, keep_every)
     return path
 
@@ -346,6 +368,27 @@ def _refuse_rewind(d:RunDir, it:int, src:Path):
                             f"continuing it there would overwrite them: branch from iteration {it} into a new directory with "
                             f"--checkpoint_dir NEW_DIR (it gets the metrics up to iteration {it}), or continue the newest with --resume auto")
 
+def _strangers_error(d:RunDir, found:list, what:str) -> LMBasicsError:
+    "The refusal for files named like checkpoints that are not the run's own: which, why, and how to move them aside."
+    info, names = d.info(), ', '.join(f"{p.name} ({why})" for _, p, why in found[:5]) + (' ...' if len(found) > 5 else '')
+    disagree = info is not None and all(why.startswith('belongs to run') for *_, why in found)
+    head = (f"the records in {d.path} disagree: run.json names run {info.get('run_id')}, but its checkpoints do not belong to it"
+            if disagree else f"{d.path} holds files named like checkpoints that are not this run's")
+    return LMBasicsError(f"{head}: {names}; {what}; move them aside (mkdir {d.path}/aside && mv {found[0][1]} ... "
+                         f"{d.path}/aside), or choose another --checkpoint_dir")
+
+def _check_run_file(d:RunDir):
+    "Refuse a run.json that exists but does not say which run owns the directory."
+    if (d.path/RUN_FILE).exists() and not isinstance((d.info() or {}).get('run_id'), str):
+        raise LMBasicsError(f"{d.path/RUN_FILE} cannot be read as a run record (it names no run_id); restore it from a backup, "
+                            f"or move it and the checkpoints beside it aside to start afresh")
+
+def check_overwrites(plan:RunPlan, max_iters:int):
+    "Refuse to start if the run could save over a file that is not its own (a stranger between its start and `max_iters`)."
+    start = plan.checkpoint['iteration'] if plan.checkpoint is not None else 0
+    if found := [s for s in plan.dir.strangers() if start < s[0] <= max_iters]:
+        raise _strangers_error(plan.dir, found, f"this run (iterations {start} to {max_iters}) could save over them")
+
 def _run_of(path:Path) -> str|None: return (RunDir(path.parent).info() or {}).get('run_id')
 
 def plan_run(resume_from:str|None, # None (a fresh run), 'auto', or a checkpoint file
@@ -359,13 +402,16 @@ def plan_run(resume_from:str|None, # None (a fresh run), 'auto', or a checkpoint
         ck = read_checkpoint(src)
         d = RunDir(checkpoint_dir if dir_given else src.parent)
         if check_free: d.check_free()
+        _check_run_file(d)
         return _continue(d, ck, src, [])
     d = RunDir(checkpoint_dir)
     if check_free: d.check_free()   # a directory in use says so first, whatever else it holds
+    _check_run_file(d)
     own = d.checkpoints()
     if resume_from is None:
         if own: raise LMBasicsError(f"{d.path} already holds a run (checkpoints up to iteration {own[-1][0]}); continue it with "
                                     f"--resume auto, or choose another --checkpoint_dir so nothing is overwritten")
+        if found := d.strangers(): raise _strangers_error(d, found, "a new run could save over them")
         return RunPlan(d, new_run_id(), fingerprint=d.fingerprint())
     notes = []
     for _, p in reversed(own):   # the newest checkpoint that loads
@@ -374,6 +420,8 @@ def plan_run(resume_from:str|None, # None (a fresh run), 'auto', or a checkpoint
         return _continue(d, ck, p, notes)
     if own: raise LMBasicsError(f"no checkpoint in {d.path} can be loaded ({'; '.join(notes)}); move them away to start afresh, "
                                 f"or resume from a good copy with --resume_from")
+    if found := d.strangers():   # unreadable is not absent: never start afresh over what looks like a run
+        raise _strangers_error(d, found, "no checkpoint of this run can be loaded, and starting afresh could save over them")
     return RunPlan(d, new_run_id(), notes=[f"No checkpoint in {d.path}: starting a new run"], fingerprint=d.fingerprint())
 
 def _continue(d:RunDir, ck:dict, src:Path, notes:list) -> RunPlan:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_train.ipynb #a6316642
 from __future__ import annotations
-import dataclasses, inspect, json, math, os, random, shutil, signal, sys, threading, time
+import dataclasses, hashlib, inspect, json, math, os, random, shutil, signal, sys, threading, time
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -16,7 +16,7 @@ from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUIL
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, learning_rate, clip_grad_norm
 from .tokenize import load_tokenizer
-from .checkpoint import RunDir, plan_run, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import RunDir, plan_run, check_overwrites, checkpoint_path, load_checkpoint, rng_state, set_rng_state
 from .generate import find_tokenizer, generate_text
 from .records import RunRecords, start_wandb, read_metrics
 from .config import TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config, parse_config
@@ -25,9 +25,10 @@ from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, se
                                out_of_memory, MEMORY_FIX)
 
 # %% auto #0
-__all__ = ['NO_BUFFER_SYNC', 'StepResult', 'TrainStep', 'evaluate', 'RunState', 'StopSignal', 'data_paths', 'check_meta',
-           'run_tokenizer', 'set_learning_rates', 'bytes_per_token', 'plan_and_check', 'load_data', 'evaluate_run',
-           'save_run', 'log_eval', 'train', 'build_model', 'decide_compile', 'claim_run_dir', 'log_step', 'main']
+__all__ = ['NO_BUFFER_SYNC', 'MAX_WAIT', 'StepResult', 'TrainStep', 'evaluate', 'RunState', 'StopRequested', 'StopSignal',
+           'data_paths', 'check_meta', 'data_fingerprint', 'check_same_data', 'run_tokenizer', 'set_learning_rates',
+           'bytes_per_token', 'plan_and_check', 'load_data', 'evaluate_run', 'save_run', 'log_eval', 'train',
+           'build_model', 'time_micro_step', 'check_feasible', 'decide_compile', 'claim_run_dir', 'log_step', 'main']
 
 # %% ../nbs/10_train.ipynb #3e576d4c
 @dataclass
@@ -66,10 +67,14 @@ class TrainStep:
 
     def __call__(self, batches, # gives `next()` -> (x, y), and `prefetch()` to fetch the one after
                  check:bool=True, # check finiteness before the update (a device sync); else fold it into `unchecked`
+                 stop=None, # called before each micro-batch; raises to abandon the step (its gradients are dropped)
                 ) -> StepResult:
         "Take one optimizer step on the next `accum` batches."
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accum):
+            if stop is not None:
+                try: stop()
+                except BaseException: self.optimizer.zero_grad(set_to_none=True); raise
             last = micro == self.accum - 1
             if self.fsdp: self.model.set_requires_gradient_sync(last)
             no_sync = self.wrapped.no_sync() if self.wrapped is not self.model and not last else nullcontext()
@@ -109,12 +114,14 @@ def evaluate(model, # the model, or the step's (compiled, wrapped) forward
              dtype:str='float32', # compute dtype
              loss_chunk:int=0, # rows of logits at a time
              rank:int=0, world_size:int=1, # this process's share of each batch
+             stop=None, # called before each batch; raises to abandon the evaluation
             ) -> float:
     "Mean cross-entropy of `model` over `eval_iters` random batches of `data`, averaged over all processes."
     was_training = model.training; model.eval()
     g = torch.Generator().manual_seed(seed)
     total, changed = torch.zeros((), device=device), None
     for _ in range(eval_iters):
+        if stop is not None: stop()
         try: x, y = get_batch(data, batch_size, context_length, device, g, rank, world_size)
         except DataChanged as e:   # under torchrun the other ranks still run these forwards (FSDP gathers weights in each):
             if not dist.is_initialized(): raise    # compute on a stand-in batch, then everyone learns of the change together
@@ -138,6 +145,7 @@ class RunState:
     final:dict|None=None # the final evaluation, once the run has ended
     wandb_id:str|None=None # the W&B run to continue
     compiled:bool|None=None # whether the run's steps are compiled (decided once, kept on resume)
+    data:dict|None=None # fingerprints of the train and val token files (a resumed run must train on the same data)
 
     def evaluated(self, it:int, train_loss:float, val_loss:float):
         "Record an evaluation at iteration `it`."
@@ -160,18 +168,34 @@ class RunState:
         return self.final is not None and self.iteration >= max_iters
 
 # %% ../nbs/10_train.ipynb #4b15ba01
+class StopRequested(Exception):
+    "Raised between micro-batches or evaluation batches when a stop was requested: the step in progress is abandoned."
+
 class StopSignal:
-    "SIGINT/SIGTERM during a run: before `arm`, stop at once; after, the first asks the loop to stop after its step, a second SIGINT stops at once."
-    def __init__(self): self.requested, self.armed, self._old = None, False, {}
+    "SIGINT/SIGTERM during a run: before `arm`, stop at once; after, the first asks the run to stop and save, a second SIGINT stops at once."
+    def __init__(self):
+        self.requested, self.armed, self._old = None, False, {}
+        self.saved, self.saving, self.finished = None, None, False   # the newest complete checkpoint; the one being written
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if not self.armed: raise Interrupted(signum, f"Stopped by {name} during start-up: nothing was trained or saved")
+        if self.finished:   # the run is over and saved: only the closing sample is left, stop it at once
+            raise Interrupted(signum, f"Stopped by {name} during the closing sample: the run is complete, saved in {self.saved}")
         if self.requested is None:
             self.requested = signum
-            print(f"\nReceived {name}: finishing this step, then saving a checkpoint (press Ctrl-C again to stop at once)", flush=True)
-        elif signum == signal.SIGINT:
-            raise Interrupted(signum, "Interrupted twice: stopped at once; the checkpoint being written (if any) was discarded, "
-                                      "the newest one on disk is intact")
+            print(f"\nReceived {name}: stopping after this micro-batch, then saving a checkpoint "
+                  f"(press Ctrl-C again to stop at once)", flush=True)
+        elif signum == signal.SIGINT: raise Interrupted(signum, self._twice())
+    def _twice(self) -> str:
+        "What a second Ctrl-C leaves on disk, said as it is at this moment."
+        if self.saving is not None and self.saving.exists():   # renamed into place: complete (what is left is pruning)
+            self.saved, self.saving = self.saving, None
+        lost = "the checkpoint being written was discarded; " if self.saving is not None else ''
+        if self.saved is None: return f"Interrupted twice: stopped at once; {lost}no checkpoint was saved"
+        return f"Interrupted twice: stopped at once; {lost}the newest checkpoint is {self.saved}: continue with --resume auto"
+    def check(self):
+        "Raise `StopRequested` if a stop was requested (called between micro-batches and evaluation batches)."
+        if self.requested is not None: raise StopRequested()
     def arm(self): self.armed = True
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
@@ -201,6 +225,26 @@ def check_meta(path:str, vocab_size:int):
     except (ValueError, OSError, AttributeError): return
     if isinstance(v, int) and vocab_size < v:
         raise LMBasicsError(f"vocab_size {vocab_size} is smaller than the vocabulary of the data ({v}, from {meta}); pass --vocab_size {v}")
+
+def data_fingerprint(path:str|Path) -> str:
+    "A fingerprint of a token file's contents: its size and 64 blocks of 4 KiB spread over it (cheap at any size)."
+    size = Path(path).stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, 'rb') as f:
+        for i in range(64): f.seek(max(0, size - 4096) * i // 63); h.update(f.read(4096))
+    return h.hexdigest()[:16]
+
+def check_same_data(plan, state:RunState, paths:tuple[str, str], console:Console):
+    "Refuse to continue a run on other token files than it trained on (a branch may, and says so); record their fingerprints."
+    now = dict(train=data_fingerprint(paths[0]), val=data_fingerprint(paths[1]))
+    if state.data and state.data != now:
+        which = ' and '.join(f"{k} data {p}" for k, p in zip(('train', 'val'), paths) if state.data.get(k) != now[k])
+        if plan.parent is None:
+            raise LMBasicsError(f"the {which} is not what this run trained on (its checkpoint holds another fingerprint): put the "
+                                f"data back, or train on the new data as a new run, branched with --resume_from "
+                                f"{plan.checkpoint_path} --checkpoint_dir NEW_DIR")
+        console.say(f"Data: the {which} differs from the data of the run this one branches from")
+    state.data = now
 
 def run_tokenizer(run_dir:Path, train_path:str) -> Path|None:
     "The tokenizer.json the run trains with (beside the data); refuse one that differs from the copy the run already holds."
@@ -248,6 +292,7 @@ def plan_and_check(cfg:TrainConfig, explicit:set[str], rank:int, world:int, cons
         cfg, changes = merge_resumed_config(cfg, explicit, plan.checkpoint.get('config', {}), source=str(plan.checkpoint_path))
         for c in changes: console.say(f"Resume: {c}")
     cfg = validate(dataclasses.replace(cfg, checkpoint_dir=str(plan.dir.path)))
+    check_overwrites(plan, cfg.max_iters)   # a file the run did not write, where it could save
     if cfg.fsdp and not dist.is_initialized():
         raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m lm_basics.train ...")
     if (accum := resolve_accumulation(cfg, world, explicit)) != cfg.gradient_accumulation_steps:
@@ -275,7 +320,7 @@ def evaluate_run(step:TrainStep, train_data, val_data, cfg:TrainConfig, kw:dict)
 
 # %% ../nbs/10_train.ipynb #8c928a5e
 def save_run(it:int, run_dir:RunDir, model, optimizer, cfg:TrainConfig, state:RunState, batches, records:RunRecords|None,
-             step:TrainStep, console:Console, metrics_bytes:int|None=None) -> Path:
+             step:TrainStep, console:Console, metrics_bytes:int|None=None, stop:StopSignal|None=None) -> Path:
     "Save the run's checkpoint after `it` steps (every rank calls it; rank 0 writes, prunes and says so)."
     if step.poisoned():
         raise LMBasicsError(f"non-finite loss or gradient norm in a step before iteration {it} (without --check_finite, steps are checked "
@@ -284,7 +329,9 @@ def save_run(it:int, run_dir:RunDir, model, optimizer, cfg:TrainConfig, state:Ru
     extra = dict(rng=rng_state(torch.Generator().set_state(batches.generator_state())), command=sys.argv,
                  metrics_bytes=metrics_bytes if metrics_bytes is not None else (records.tell() if records else None),
                  elapsed=records.elapsed() if records else 0.0)
+    if stop is not None: stop.saving = checkpoint_path(run_dir.path, it)   # what a second Ctrl-C would cut short
     path = run_dir.save(it, model, optimizer, asdict(cfg), {**state.state_dict(), **extra}, cfg.keep_last, cfg.keep_every)
+    if stop is not None: stop.saving, stop.saved = None, path
     console.say(f"[CHECKPOINT] Saved checkpoint to {path}")
     return path
 
@@ -320,6 +367,7 @@ def train(cfg:TrainConfig, # the settings of the run
         gen = torch.Generator().manual_seed(cfg.seed)   # the same on every rank: each takes its slice of the global batch
         if master: print_config(cfg, file=console)
         train_data, val_data, tokenizer, bpt = load_data(cfg, plan.dir.path, console)
+        check_same_data(plan, state, data_paths(cfg), console)
         group = control_group()   # CPU votes: a signal, a token file changed underneath (every rank stops at the same point)
         batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, device, gen, rank, world, accum,
                                   vote=(lambda flag: any_rank(flag, group)) if world > 1 else None)
@@ -336,7 +384,9 @@ def train(cfg:TrainConfig, # the settings of the run
             if 'rng' in (ts := plan.checkpoint.get('train_state') or {}): set_rng_state(ts['rng'], gen)
             console.say(f"Resumed from {plan.checkpoint_path} at iteration {state.iteration}"
                         + (f" (a new run in {plan.dir.path}, branched from run {plan.parent['run_id']})" if plan.parent else ''))
-        compiled, why = decide_compile(cfg, state, model, device, dtype, accum, 'compile' in explicit)
+        micro = time_micro_step(cfg, model, device, dtype) if cfg.compile is None or max(accum, cfg.eval_iters) >= 256 else None
+        if micro is not None: check_feasible(cfg, accum, micro)
+        compiled, why = decide_compile(cfg, state, None if micro is None else micro * accum, 'compile' in explicit)
         step = TrainStep(model, optimizer, accum, cfg.grad_clip, dtype, cfg.loss_chunk, compiled, cfg.fsdp)
         if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -355,68 +405,79 @@ def train(cfg:TrainConfig, # the settings of the run
                     + (f"\nPeak: {peak.value / 1e9:,.1f} GFLOP/s per process ({peak.source})" if peak else '') + '\n' + '-' * 80)
         check_each = cfg.check_finite if cfg.check_finite is not None else (device.type == 'cpu' or cfg.skip_nonfinite > 0)
         ev = dict(batch_size=cfg.batch_size, context_length=cfg.context_length, eval_iters=cfg.eval_iters, device=device, dtype=dtype,
-                  loss_chunk=cfg.loss_chunk, rank=rank, world_size=world)
+                  loss_chunk=cfg.loss_chunk, rank=rank, world_size=world, stop=stop.check if world == 1 else None)
         saving = (plan.dir, model, optimizer, cfg, state, batches, records, step, console)   # what a checkpoint needs
-        t_log, since_log, stopped = time.perf_counter(), 0, 0
+        t_log, since_log, stopped, last_line = time.perf_counter(), 0, 0, None
+        stop.saved = plan.dir.latest() if plan.parent is None else None
 
         # 4. the loop
         stop.arm()
         try:
-            while it < cfg.max_iters:
-                t0 = time.perf_counter()
-                if it % cfg.eval_interval == 0 and state.last_eval_iter != it:
+            try:
+                while it < cfg.max_iters:
+                    t0 = time.perf_counter()
+                    if it % cfg.eval_interval == 0 and state.last_eval_iter != it:
+                        state.evaluated(it, *evaluate_run(step, train_data, val_data, cfg, ev))
+                        log_eval(records, console, it, 'eval', state.last_losses, bpt)
+                        if records: records.refresh_plot()
+                    if it % cfg.checkpoint_interval == 0 and it != start: save_run(it, *saving, stop=stop)
+                    t_log += time.perf_counter() - t0   # evaluation and saving do not count as step time
+                    lr = set_learning_rates(optimizer, cfg, it)
+                    res = step(batches, check=check_each, stop=stop.check if world == 1 else None)
+                    since_log, it = since_log + 1, it + 1
+                    if not res.updated:
+                        state.skipped += 1
+                        msg = f"non-finite loss {res.loss.item()} / gradient norm {res.grad_norm.item()} at iteration {it - 1}"
+                        if state.skipped > cfg.skip_nonfinite:
+                            raise LMBasicsError(f"{msg}: stopped before the weights were updated; last good checkpoint: {plan.dir.latest() or 'none'}; "
+                                                f"lower --lr, raise --warmup_iters or check the data, then resume (--skip_nonfinite N tolerates N such steps)")
+                        console.say(f"Warning: {msg}: step skipped ({state.skipped} of at most {cfg.skip_nonfinite})")
+                        if records: records.log(it - 1, {'train/skipped_nonfinite': state.skipped})
+                        continue
+                    state.tokens_seen += tokens_per_iter
+                    if (it - 1) % cfg.log_interval == 0 or it == cfg.max_iters:
+                        if step.poisoned(): save_run(it, *saving)   # refuses, naming the last good checkpoint
+                        dt = (time.perf_counter() - t_log) / since_log
+                        t_log, since_log = time.perf_counter(), 0
+                        off = (it - 1) % cfg.log_interval != 0   # logged only as the last step: recorded after the evaluation
+                        values = log_step(None if off else records, console, it - 1, all_mean(res.loss, device),
+                                          res.grad_norm.item(), lr, dt, tokens_per_iter, flops_per_iter / world, peak)
+                        if off: last_line = (it - 1, values)
+                    if stopped := batches.agree(stop.requested or 0): break   # every rank stops at the same step (a changed file: next step)
+                if not stopped and state.last_eval_iter != it:   # the regular evaluation is recorded as such: an extended run keeps the same records
                     state.evaluated(it, *evaluate_run(step, train_data, val_data, cfg, ev))
-                    log_eval(records, console, it, 'eval', state.last_losses, bpt)
-                    if records: records.refresh_plot()
-                if it % cfg.checkpoint_interval == 0 and it != start: save_run(it, *saving)
-                t_log += time.perf_counter() - t0   # evaluation and saving do not count as step time
-                lr = set_learning_rates(optimizer, cfg, it)
-                res = step(batches, check=check_each)
-                since_log, it = since_log + 1, it + 1
-                if not res.updated:
-                    state.skipped += 1
-                    msg = f"non-finite loss {res.loss.item()} / gradient norm {res.grad_norm.item()} at iteration {it - 1}"
-                    if state.skipped > cfg.skip_nonfinite:
-                        raise LMBasicsError(f"{msg}: stopped before the weights were updated; last good checkpoint: {plan.dir.latest() or 'none'}; "
-                                            f"lower --lr, raise --warmup_iters or check the data, then resume (--skip_nonfinite N tolerates N such steps)")
-                    console.say(f"Warning: {msg}: step skipped ({state.skipped} of at most {cfg.skip_nonfinite})")
-                    if records: records.log(it - 1, {'train/skipped_nonfinite': state.skipped})
-                    continue
-                state.tokens_seen += tokens_per_iter
-                if (it - 1) % cfg.log_interval == 0 or it == cfg.max_iters:
-                    if step.poisoned(): save_run(it, *saving)   # refuses, naming the last good checkpoint
-                    dt = (time.perf_counter() - t_log) / since_log
-                    t_log, since_log = time.perf_counter(), 0
-                    log_step(records, console, it - 1, all_mean(res.loss, device), res.grad_norm.item(), lr, dt, tokens_per_iter, flops_per_iter / world, peak)
-                if stopped := batches.agree(stop.requested or 0): break   # every rank stops at the same step (a changed file: next step)
-            # 5. the end
+                    if it % cfg.eval_interval == 0: log_eval(records, console, it, 'eval', state.last_losses, bpt, show=False)
+            except StopRequested:   # seen between micro-batches or evaluation batches: the step in progress is dropped
+                stopped = stop.requested
+            # 5. the end; the last step's off-interval line and the final records go after this point: an extended run cuts them
+            before_final = records.tell() if records else None
+            if records and last_line: records.log(*last_line)
             if stopped:
-                path = save_run(it, *saving)
+                path = save_run(it, *saving, stop=stop)
                 console.say(f"Stopped by {signal.Signals(stopped).name} after iteration {it}; continue with --resume auto (or --resume_from {path})")
                 return {'stopped_at': it, 'signal': stopped, 'checkpoint': str(path)}
-            if state.last_eval_iter != it:   # the regular evaluation is recorded as such: an extended run keeps the same records
-                state.evaluated(it, *evaluate_run(step, train_data, val_data, cfg, ev))
-                if it % cfg.eval_interval == 0: log_eval(records, console, it, 'eval', state.last_losses, bpt, show=False)
-            before_final = records.tell() if records else None   # the final records are cut off when the run is extended
             console.say('-' * 80 + "\nFinal evaluation...")
             state.final = log_eval(records, console, it, 'final', state.last_losses, bpt)
-            path = save_run(it, *saving, metrics_bytes=before_final)
+            path = save_run(it, *saving, metrics_bytes=before_final, stop=stop)
             if records: records.refresh_plot(force=True)
         except DataChanged:   # a token file changed underneath: keep the steps taken, then stop
-            if it != start: save_run(it, *saving)
+            if it != start: save_run(it, *saving, stop=stop)
             raise
         except Exception as e:
             if is_out_of_memory(e): raise out_of_memory(f"at iteration {it}", e) from None
             raise
         finally:
             if records: records.close()
+        stop.finished = True   # saved: a signal now only cuts the closing sample short
         return _report_end(cfg, state, it, path, device, console, master)
 
 # %% ../nbs/10_train.ipynb #0aa4fab2
 def build_model(cfg:TrainConfig, device:torch.device, world:int=1) -> TransformerLM:
     "The run's model on `device` (sharded with FSDP2 if asked), after checking that a training step fits in memory."
     args = {k: getattr(cfg, k) for k in MODEL_ARGS}
-    with torch.device('meta'): params = sum(p.numel() for p in TransformerLM(**args).parameters())   # counted, not allocated
+    with torch.device('meta'):   # counted on one and two layers, not allocated (a million layers would take minutes to build)
+        one, two = (sum(p.numel() for p in TransformerLM(**{**args, 'num_layers': n}).parameters()) for n in (1, 2))
+    params = one + (two - one) * (cfg.num_layers - 1)
     need = training_memory(params // (world if cfg.fsdp else 1), cfg.batch_size * cfg.context_length, cfg.d_model, cfg.num_layers,
                            cfg.d_ff, cfg.vocab_size, cfg.loss_chunk)
     free = available_memory(device)
@@ -433,24 +494,37 @@ def build_model(cfg:TrainConfig, device:torch.device, world:int=1) -> Transforme
         fully_shard(model)
     return model
 
-def decide_compile(cfg:TrainConfig, state:RunState, model, device, dtype:str, accum:int, asked:bool) -> tuple[bool, str]:
-    "Compile or not: as asked, as the run decided before (a resumed run computes as it did), or from a measured eager step."
+def time_micro_step(cfg:TrainConfig, model, device:torch.device, dtype:str) -> float:
+    "Seconds of one eager forward and backward on a random batch (the second of two; the weights are untouched)."
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.context_length), generator=g).to(device) for _ in range(2))
+    for i in range(2):
+        if i == 1: t0 = time.perf_counter()
+        try:
+            with autocast_context(device, dtype): model(x, targets=y, loss_chunk=cfg.loss_chunk).backward()
+        except Exception as e:
+            if not is_out_of_memory(e): raise
+            raise out_of_memory("in the first training step, timed to decide whether to compile", e) from None
+    if device.type == 'cuda': torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return from_master(time.perf_counter() - t0)
+
+MAX_WAIT = 86_400   # seconds: a step or an evaluation that would take longer than a day is a mistake, not a plan
+
+def check_feasible(cfg:TrainConfig, accum:int, micro:float):
+    "Refuse a step or an evaluation that could not finish in a day, from the measured seconds of one micro-step."
+    days = lambda s: f"{s / 86_400:,.1f} days" if s >= 86_400 else f"{s / 3600:,.1f} hours"
+    if accum * micro > MAX_WAIT:
+        raise LMBasicsError(f"one optimizer step would take about {days(accum * micro)} ({accum:,} micro-batches of {micro:.2f} s): "
+                            f"lower --total_batch_size or --gradient_accumulation_steps")
+    if 2 * cfg.eval_iters * micro / 3 > MAX_WAIT:   # train and val batches, a forward each (about a third of a step)
+        raise LMBasicsError(f"one evaluation would take about {days(2 * cfg.eval_iters * micro / 3)} ({cfg.eval_iters:,} "
+                            f"batches of train and of val data): lower --eval_iters")
+
+def decide_compile(cfg:TrainConfig, state:RunState, step_secs:float|None, asked:bool) -> tuple[bool, str]:
+    "Compile or not: as asked, as the run decided before (a resumed run computes as it did), or from the measured eager step."
     if not asked and state.compiled is not None: return state.compiled, "as this run decided when it started"
-    secs = 0.0
-    if cfg.compile is None:   # time one eager forward and backward on a random batch (the weights are untouched)
-        g = torch.Generator().manual_seed(0)
-        x, y = (torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.context_length), generator=g).to(device) for _ in range(2))
-        for i in range(2):
-            if i == 1: t0 = time.perf_counter()
-            try:
-                with autocast_context(device, dtype): model(x, targets=y, loss_chunk=cfg.loss_chunk).backward()
-            except Exception as e:
-                if not is_out_of_memory(e): raise
-                raise out_of_memory("in the first training step, timed to decide whether to compile", e) from None
-        if device.type == 'cuda': torch.cuda.synchronize()
-        secs = (time.perf_counter() - t0) * accum
-        model.zero_grad(set_to_none=True)
-    state.compiled, why = from_master(resolve_compile(cfg.compile, secs, cfg.max_iters - state.iteration, cfg.num_layers))
+    state.compiled, why = from_master(resolve_compile(cfg.compile, step_secs or 0.0, cfg.max_iters - state.iteration, cfg.num_layers))
     return state.compiled, why
 
 def claim_run_dir(plan, cfg:TrainConfig, state:RunState, tokenizer:Path|None, console:Console) -> RunRecords:
@@ -472,12 +546,14 @@ def claim_run_dir(plan, cfg:TrainConfig, state:RunState, tokenizer:Path|None, co
                       elapsed=ts.get('elapsed', 0.0), wandb_run=run, plot=cfg.plot, warn=console.say)
 
 def log_step(records, console, it, loss, grad_norm, lr, dt, tokens_per_iter, flops_per_process, peak):
-    "Record and print the log line of iteration `it` (MFU of this process's share of the FLOPs, against its `Peak`)."
+    "Record and print the log line of iteration `it` (MFU of this process's share of the FLOPs, against its `Peak`); return its values."
     tps, mfu = tokens_per_iter / dt, peak.mfu(flops_per_process / dt) if peak else math.nan
-    if records: records.log(it, {'train/loss': loss, 'train/learning_rate': lr, 'train/tokens_per_sec': tps, 'train/iter_time_ms': dt * 1000,
-                                 'train/grad_norm': grad_norm, 'train/mfu': mfu})
+    values = {'train/loss': loss, 'train/learning_rate': lr, 'train/tokens_per_sec': tps, 'train/iter_time_ms': dt * 1000,
+              'train/grad_norm': grad_norm, 'train/mfu': mfu}
+    if records: records.log(it, values)
     console.say(f"Iter {it:6d} | Loss: {loss:.4f} | LR: {lr:.2e} | Time: {dt * 1000:.1f}ms | Tokens/sec: {tps:.0f} | "
                 f"MFU: {mfu * 100:.1f}% | Grad norm: {grad_norm:.3f}")
+    return values
 
 def _report_complete(cfg, state, plan, console) -> dict:
     console.say(f"Resumed from {plan.checkpoint_path} at iteration {state.iteration}\n"

@@ -311,15 +311,37 @@ def forkable(script:str, module:bool, pre, env:dict|None) -> bool:
     return (os.environ.get('LM_BASICS_TEST_FORK', '1') != '0' and script.startswith('lm_basics_') and not module and pre is None
             and not any(k.startswith(IMPORT_TIME_ENV) for k in (env or {})))
 
+_TRAIN_FLAGS = None
+
+def merge_flags(args:list[str]) -> list[str]:
+    """`lm_basics_train` arguments with each setting once, its last value winning: the tests write a tiny run's flags
+    followed by the ones a test changes, while the command line itself refuses a setting given twice (aliases and
+    spellings included)."""
+    global _TRAIN_FLAGS
+    if _TRAIN_FLAGS is None:
+        from lm_basics.config import build_parser
+        _TRAIN_FLAGS = build_parser()._option_string_actions
+    out, where, i = [], {}, 0
+    while i < len(args):
+        a = args[i]; act = _TRAIN_FLAGS.get(a.split('=', 1)[0]) if a.startswith('--') else None
+        if act is None or act.dest == 'help': out.append([a]); i += 1; continue
+        n = 1 if '=' in a or act.nargs == 0 else 2
+        item = args[i:i + n]; i += n
+        if act.dest in where: out[where[act.dest]] = item
+        else: where[act.dest] = len(out); out.append(item)
+    return [t for item in out for t in item]
+
 class Proc:
     """A running `lm_basics_train` (or another console script) whose output is collected line by line as it arrives.
     `env` adds to (None: removes from) the environment; `preexec` runs in the child before exec (a resource limit, say);
     `unprivileged` runs it subject to file permissions even as root (see `drop_file_permissions`); `fork=False` exec's the
-    console script even where the fork server could run it (tests of start-up)."""
+    console script even where the fork server could run it (tests of start-up); `merge=False` passes a training command
+    line as written (see `merge_flags`)."""
     def __init__(self, args, cwd, env:dict|None=None, script:str='lm_basics_train', preexec=None, module:bool=False,
-                 unprivileged:bool=False, fork:bool=True):
+                 unprivileged:bool=False, fork:bool=True, merge:bool=True):
         import threading
         self.args, self.cwd = [str(a) for a in args], Path(cwd)
+        if script == 'lm_basics_train' and merge: self.args = merge_flags(self.args)
         prefix, drop = drop_file_permissions() if unprivileged else ([], None)
         if drop is not None and preexec is not None: pre = lambda: (drop(), preexec())
         else: pre = drop or preexec

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from fastcore.meta import delegates
 from .core import LMBasicsError, cli_errors, resolve_device, CLIParser
 from .data import get_batch, open_tokens, peak_rss_mb
-from .model import TransformerLM, count_parameters, flops_per_token
+from .model import TransformerLM, count_parameters, flops_per_token, check_model_args
 from .optim import make_optimizer
 from .config import TrainConfig, load_config_file
-from .runtime import peak_flops, Peak
+from .runtime import peak_flops, Peak, training_memory, available_memory
 from .train import TrainStep
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'ReferenceAttention', 'ReferenceMLP', 'ReferenceBlock', 'ReferenceGPT',
            'reference_step', 'FixedBatch', 'bench_train_step', 'profile_train_step', 'bench_sampling', 'run_isolated',
-           'main']
+           'check_bench', 'main']
 
 # %% ../nbs/11_bench.ipynb #b7e1c0a2
 class ReferenceAttention(nn.Module):
@@ -302,6 +302,22 @@ def _side_by_side(rows:list[dict]) -> tuple[str, dict]:
                       for c in cross))
     return text, dict(side_by_side=side, compiled_vs_reference_eager=cross)
 
+def check_bench(cfg:dict, # the benchmark's settings (`BENCH_FLAGS`)
+                dev:torch.device, # where it runs
+               ):
+    "Refuse, before any process starts, settings that cannot be benchmarked: counts below 1, a model that cannot be built, a step that does not fit."
+    for k, low in (('steps', 1), ('warmup', 0), ('batch_size', 1), ('loss_chunk', 0)):
+        if cfg[k] < low: raise LMBasicsError(f"--{k} must be at least {low}, got {cfg[k]}")
+    d_ff = cfg['d_ff'] or int(8 * cfg['d_model'] / 3 + 7) // 8 * 8
+    check_model_args(cfg['vocab_size'], cfg['context_length'], cfg['d_model'], cfg['num_layers'], cfg['num_heads'], d_ff)
+    with torch.device('meta'):
+        params = sum(p.numel() for p in TransformerLM(cfg['vocab_size'], 1, cfg['d_model'], 1, cfg['num_heads'], d_ff).parameters())
+    need = training_memory(params * cfg['num_layers'], cfg['batch_size'] * cfg['context_length'], cfg['d_model'], cfg['num_layers'],
+                           d_ff, cfg['vocab_size'], cfg['loss_chunk'])['total']   # (every layer counted with the embeddings: an upper bound)
+    if (free := available_memory(dev)) is not None and need > free:
+        raise LMBasicsError(f"one step of these shapes needs about {need / 2**30:,.1f} GiB but {dev.type} has {free / 2**30:,.1f} GiB free; "
+                            f"lower --batch_size, --context_length or the model size")
+
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_bench`."
@@ -323,6 +339,7 @@ def main(argv:list[str]|None=None):
         train_cfg = asdict(TrainConfig(**load_config_file(a['config'])))
         cfg.update({k: train_cfg[k] for k in BENCH_FLAGS if k in train_cfg and k not in given})
     dev = resolve_device(cfg['device'])
+    check_bench(cfg, dev)
     variants = _variants(a['variants'] if 'variants' in given or not a['baseline'] else 'eager:float32,compiled:float32', dev)
     if a['rounds'] < 1: raise LMBasicsError(f"--rounds must be at least 1, got {a['rounds']}")
     # (round, model, mode, dtype): with --baseline, the reference and lm_basics next to each other, the first of a pair alternating by round

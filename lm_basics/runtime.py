@@ -4,16 +4,16 @@
 
 # %% ../nbs/09_runtime.ipynb #a6316642
 from __future__ import annotations
-import math, os, time
+import math, os, re, socket, time
 from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from .core import LMBasicsError
 
 # %% auto #0
-__all__ = ['GPU_PEAK_TFLOPS', 'MEMORY_FIX', 'resolve_dtype', 'autocast_context', 'resolve_compile', 'matmul_probe', 'peak_flops',
-           'Peak', 'training_memory', 'available_memory', 'is_out_of_memory', 'out_of_memory', 'setup_distributed',
-           'all_mean', 'from_master', 'control_group', 'any_rank']
+__all__ = ['GPU_PEAK_TFLOPS', 'MEMORY_FIX', 'PEERS', 'resolve_dtype', 'autocast_context', 'resolve_compile', 'matmul_probe',
+           'peak_flops', 'Peak', 'training_memory', 'available_memory', 'is_out_of_memory', 'out_of_memory',
+           'setup_distributed', 'lost_peer', 'all_mean', 'from_master', 'control_group', 'any_rank']
 
 # %% ../nbs/09_runtime.ipynb #3e576d4c
 def resolve_dtype(dtype:str, # 'auto', 'float32', 'bfloat16' or 'float16'
@@ -154,7 +154,29 @@ def setup_distributed(device:str='auto', # the --device setting
         dist.init_process_group(backend='nccl' if cuda else 'gloo')
     local = int(os.environ.get('LOCAL_RANK', 0))
     dev = torch.device('cuda', local) if dist.get_backend() == 'nccl' else torch.device('cpu')
+    if not PEERS:   # who is who, so that a process that loses a peer can say which one it was
+        PEERS[:] = [None] * dist.get_world_size(); dist.all_gather_object(PEERS, (socket.gethostname(), os.getpid()))
     return dist.get_rank(), dist.get_world_size(), dev
+
+PEERS = []   # (host, pid) of every rank, gathered when the process group starts
+
+def _alive(pid:int) -> bool:
+    "Whether process `pid` runs (a killed child its launcher has not reaped yet is a zombie: gone)."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    try: return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError): return True
+
+def lost_peer(e:BaseException) -> LMBasicsError|None:
+    "The one error for a collective that failed because another process of the run went away (naming it when it ran here)."
+    if not dist.is_initialized() or not isinstance(e, RuntimeError): return None
+    if not re.search(r'Connection (reset|closed)|Broken pipe|peer|Socket Timeout|timed out', str(e), re.I): return None
+    host = socket.gethostname()
+    gone = [r for r, (h, pid) in enumerate(PEERS) if h == host and r != dist.get_rank() and not _alive(pid)]
+    who = f"rank {', '.join(map(str, gone))}" if gone else "another process"
+    return LMBasicsError(f"{who} of this distributed run stopped (killed or failed), so this one cannot go on; the checkpoints "
+                         f"saved so far are intact: find why it stopped, then relaunch with --resume auto")
 
 def all_mean(x:float|torch.Tensor, # this rank's value
              device:torch.device, # where the reduction runs

@@ -22,7 +22,7 @@ from .records import RunRecords, start_wandb, read_metrics
 from .config import TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config, parse_config
 from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, setup_distributed, all_mean, from_master,
                                control_group, any_rank, training_memory, available_memory, is_out_of_memory,
-                               out_of_memory, MEMORY_FIX)
+                               out_of_memory, MEMORY_FIX, lost_peer)
 
 # %% auto #0
 __all__ = ['NO_BUFFER_SYNC', 'MAX_WAIT', 'StepResult', 'TrainStep', 'evaluate', 'RunState', 'StopRequested', 'StopSignal',
@@ -580,8 +580,13 @@ def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_train`."
     cfg, explicit = parse_config(argv)
     try: result = train(cfg, explicit)
+    except RuntimeError as e:   # under torchrun, a collective whose peer went away: one line, not gloo's traceback
+        if (lost := lost_peer(e)) is None: raise
+        raise lost from None
     finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+        if dist.is_initialized():
+            try: dist.destroy_process_group()
+            except Exception: pass   # after a lost peer there is nothing left to tear down cleanly
     if 'signal' in result:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # saved already: a late second Ctrl-C changes nothing
         sys.exit(128 + result['signal'])

@@ -341,7 +341,10 @@ class Proc:
                  unprivileged:bool=False, fork:bool=True, merge:bool=True):
         import threading
         self.args, self.cwd = [str(a) for a in args], Path(cwd)
-        if script == 'lm_basics_train' and merge: self.args = merge_flags(self.args)
+        if merge and script == 'lm_basics_train': self.args = merge_flags(self.args)
+        elif merge and script == 'torchrun':   # the training command line after torchrun's own flags
+            at = next((i + 1 for i, a in enumerate(self.args) if a.endswith('lm_basics_train') or a == 'lm_basics.train'), None)
+            if at is not None: self.args = self.args[:at] + merge_flags(self.args[at:])
         prefix, drop = drop_file_permissions() if unprivileged else ([], None)
         if drop is not None and preexec is not None: pre = lambda: (drop(), preexec())
         else: pre = drop or preexec

@@ -175,3 +175,20 @@ def test_total_batch_size_keeps_the_step_across_process_counts(tmp_path, lm):
     out = train(lm, '--resume_from', tmp_path/'ddp'/'checkpoint_iter_6.pt', '--checkpoint_dir', tmp_path/'one', cwd=tmp_path)
     assert 'gradient_accumulation_steps 1 -> 2' in out and 'Tokens per iteration: 256' in out
     assert_close_weights(weights(tmp_path/'ddp'/'checkpoint_iter_12.pt'), weights(tmp_path/'one'/'checkpoint_iter_12.pt'))
+
+
+def test_a_killed_rank_is_named_once_without_a_traceback(tmp_path, lm):
+    """Rank 1 killed (SIGKILL) mid-run: rank 0 does not print gloo's traceback; it says, in one `error:` line, that rank 1
+    of the run stopped and how to continue. (torchrun's own summary of the failed child follows; that is the launcher.)"""
+    import psutil, signal, re
+    p = lm.start('--standalone', '--nproc_per_node', 2, *lm.command(), *tiny(lm), '--batch_size', 4, '--max_iters', 100000,
+                 '--no-compile', '--checkpoint_dir', tmp_path/'run', cwd=tmp_path, script='torchrun')
+    p.wait_for(r'^Iter\s+3 ')
+    workers = {int(c.environ().get('LOCAL_RANK', -1)): c for c in psutil.Process(p.pid).children(recursive=True)
+               if 'LOCAL_RANK' in c.environ()}
+    workers[1].send_signal(signal.SIGKILL)
+    run = p.finish()
+    assert run.returncode != 0, run
+    errors = [l for l in run.stderr.splitlines() if l.startswith('error')]
+    assert errors == [errors[0]] and re.match(r'error: rank 1 of this distributed run stopped', errors[0]), run
+    assert 'pair.cc' not in run.stderr and 'Connection reset' not in run.stderr, run

@@ -104,3 +104,26 @@ def test_a_million_layers_is_refused_at_once(lm, corpus, tmp_path):
     lm.run(*flags(lm, corpus), '--num_layers', 1048576, '--checkpoint_dir', tmp_path/'run', cwd=tmp_path).error(
         'this model and batch need about')
     assert time.monotonic() - t0 < 60
+
+
+# ---------------------------------------------------------------------------------------------------- the checkpoint reader
+def test_checkpoint_reader_on_random_and_truncated_files(tmp_path):
+    "Random bytes, text, and every kind of truncation of a real checkpoint: a checkpoint or one LMBasicsError, never another exception."
+    from hypothesis import given, settings, strategies as st, HealthCheck
+    from lm_basics.core import LMBasicsError
+    from lm_basics.checkpoint import read_checkpoint, save_checkpoint
+    from lm_basics.model import TransformerLM
+    good = save_checkpoint(tmp_path/'good.pt', TransformerLM(vocab_size=16, context_length=8, d_model=8, num_layers=1, num_heads=2, d_ff=8),
+                           None, 3).read_bytes()
+    path = tmp_path/'x.pt'
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(min_size=1, max_size=4000), st.text(min_size=1).map(str.encode),
+                     st.integers(1, len(good) - 1).map(lambda n: good[:n]),
+                     st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)).map(lambda t: good[:t[0]] + bytes([t[1]]) + good[t[0] + 1:])))
+    def check(data):
+        path.write_bytes(data)
+        try: ck = read_checkpoint(path)
+        except LMBasicsError as e: assert 'x.pt' in str(e)
+        else: assert ck['iteration'] == 3
+    check()

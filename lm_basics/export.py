@@ -4,22 +4,23 @@
 
 # %% ../nbs/12_export.ipynb #d3103ecb
 from __future__ import annotations
-import copy, importlib, json, os, shlex, shutil, sys
+import copy, errno, fcntl, importlib, json, os, re, shlex, shutil, sys
 from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 import lm_basics
-from .core import LMBasicsError, cli_errors, CLIParser
+from .core import LMBasicsError, cli_errors, CLIParser, Console
 from .model import TransformerLM, MODEL_ARGS, count_parameters
 from .checkpoint import read_checkpoint, RunDir
 from .tokenize import EOT, load_tokenizer
 from .generate import ByteCodec, HFCodec, find_tokenizer
 
 # %% auto #0
-__all__ = ['LLAMA_KEYS', 'DTYPES', 'COMMAND_KEYS', 'EXPORT_FLAGS', 'VERIFY_TEXT', 'hf_module', 'check_exportable', 'halves_order',
-           'pairs_to_halves', 'hf_state_dict', 'llama_config', 'generation_config', 'bytes_to_unicode',
-           'byte_tokenizer', 'tokenizer_files', 'save_safetensors', 'tokens_seen', 'training_command', 'model_card',
-           'find_checkpoint', 'checkpoint_codec', 'check_output_dir', 'export_hf', 'main', 'verify_export']
+__all__ = ['LLAMA_KEYS', 'DTYPES', 'COMMAND_KEYS', 'TMP_DIR', 'EXPORT_FILE', 'EXPORT_FLAGS', 'VERIFY_TEXT', 'hf_module',
+           'check_exportable', 'halves_order', 'pairs_to_halves', 'hf_state_dict', 'llama_config', 'generation_config',
+           'bytes_to_unicode', 'byte_tokenizer', 'tokenizer_files', 'save_safetensors', 'tokens_seen',
+           'training_command', 'model_card', 'find_checkpoint', 'checkpoint_codec', 'check_output_dir',
+           'remove_stale_exports', 'export_hf', 'main', 'verify_export']
 
 # %% ../nbs/12_export.ipynb #0aa6abd7
 def hf_module(name:str, # a module of transformers or safetensors, e.g. 'safetensors.torch'
@@ -142,6 +143,13 @@ def tokenizer_files(codec, # the checkpoint's codec: `HFCodec` or `ByteCodec` (`
             'special_tokens_map.json': json.dumps(special, indent=2)}
 
 # %% ../nbs/12_export.ipynb #4c492517
+def _save_file(st, tensors:dict, path:Path):
+    "safetensors' `save_file`, whose failure to write (a full disk) is an `OSError`, like any other write's."
+    try: st.save_file(tensors, str(path), metadata={'format': 'pt'})
+    except Exception as e:   # SafetensorError('... I/O error: No space left on device (os error 28)')
+        if (m := re.search(r'os error (\d+)', str(e))) is None: raise
+        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+
 def save_safetensors(tensors:dict, # name -> tensor, in the order to write them
                      out:str|Path, # directory to write into
                      max_shard_bytes:int=5_000_000_000, # largest file; more bytes than this go into several shards
@@ -156,7 +164,7 @@ def save_safetensors(tensors:dict, # name -> tensor, in the order to write them
         shards[-1][name] = t; size += n
     names = (['model.safetensors'] if len(shards) == 1 else
              [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))])
-    for name, shard in zip(names, shards): st.save_file(shard, str(out/name), metadata={'format': 'pt'})
+    for name, shard in zip(names, shards): _save_file(st, shard, out/name)
     if len(shards) > 1:
         index = dict(metadata={'total_size': sum(t.numel() * t.element_size() for t in tensors.values())},
                      weight_map={k: name for name, shard in zip(names, shards) for k in shard})
@@ -279,10 +287,20 @@ def check_output_dir(out:Path, # the directory to export into
                     ):
     "Raise `LMBasicsError` unless `out` can receive an export."
     if out.exists() and not out.is_dir(): raise LMBasicsError(f"--out {out} is a file; choose a directory to export into")
+    if (up := next((a for a in out.parents if a.exists()), None)) is not None and not up.is_dir():   # `notes.txt/model`
+        raise LMBasicsError(f"--out {out} lies under {up}, which is a file, not a directory; choose another --out")
     if out.resolve() in checkpoint.resolve().parents:
         raise LMBasicsError(f"--out {out} holds the checkpoint {checkpoint}; choose a directory outside the run")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise LMBasicsError(f"--out {out} already holds files; choose a new directory, or pass --force to replace it")
+
+def _unwritable(out:Path, e:OSError) -> LMBasicsError:
+    "The error for an export that could not be written, with the fix its cause calls for."
+    if e.errno in (errno.ENOSPC, errno.EDQUOT): fix = 'free disk space'
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS): fix = 'check the permissions'
+    else: fix = 'check the path'
+    return LMBasicsError(f"cannot write the export to {out} ({e.strerror or e}); {fix}, or choose another --out "
+                         f"(nothing was written)")
 
 def _publish(tmp:Path, out:Path):
     "Move the finished export `tmp` to `out`, replacing what was there only once `tmp` is complete."
@@ -293,6 +311,47 @@ def _publish(tmp:Path, out:Path):
         if old: os.rename(old, out)   # put the old export back
         raise
     if old: shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/12_export.ipynb #147a6aec
+TMP_DIR = re.compile(r'\.(.+)\.tmp-(\d+)')   # `.NAME.tmp-PID`: where an export is written before it takes its place
+EXPORT_FILE = re.compile(r'config\.json|generation_config\.json|README\.md|tokenizer(_config)?\.json'
+                         r'|special_tokens_map\.json'
+                         r'|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json'
+                         r'|\.tmp\w+')   # safetensors writes .tmpXYZ, then renames it
+
+def _alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass   # alive, someone else's
+    return True
+
+def remove_stale_exports(parent:Path, # the directory an export is about to write into
+                        ) -> list[Path]:
+    "Remove the temporary directories that killed exports left in `parent`; return them. A live export's stays."
+    removed = []
+    for d in (parent.iterdir() if parent.is_dir() else []):
+        m = TMP_DIR.fullmatch(d.name)
+        if not m or d.is_symlink() or not d.is_dir() or _alive(int(m[2])): continue
+        try: fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError: continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # free: its owner is gone (a live export holds it)
+            if all(EXPORT_FILE.fullmatch(f.name) and f.is_file() for f in d.iterdir()):
+                shutil.rmtree(d); removed.append(d)
+        except OSError: pass   # locked, or not ours to remove
+        finally: os.close(fd)
+    return removed
+
+def _claim_tmp(out:Path) -> tuple[Path, int]:
+    "Sweep `out`'s parent, then make this export's temporary directory and lock it; return it and the lock."
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_exports(out.parent)
+    tmp = out.parent/f'.{out.name}.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)   # named after this process: left by an earlier one with the same PID
+    tmp.mkdir()
+    lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)   # held until closed, or until this process dies
+    return tmp, lock
 
 # %% ../nbs/12_export.ipynb #ada89e9e
 def export_hf(checkpoint:str, # checkpoint file, or a run directory (its newest checkpoint)
@@ -332,23 +391,24 @@ def export_hf(checkpoint:str, # checkpoint file, or a run directory (its newest 
     files |= {'config.json': json.dumps(llama_config(cfg, dtype, codec.eot_id), indent=2),
               'generation_config.json': json.dumps(generation_config(codec.eot_id), indent=2),
               'README.md': model_card(ckpt, params, codec.name, dtype, str(out))}
-    tmp = out.parent/f'.{out.name}.tmp-{os.getpid()}'
+    tmp, lock = None, None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+        tmp, lock = _claim_tmp(out)
         weight_files = save_safetensors(tensors, tmp, max_shard_bytes)
         for name, text in files.items(): (tmp/name).write_text(text, encoding='utf-8')
         diff = verify_export(tmp, model, codec, dtype) if verify else None
         _publish(tmp, out)
-    except OSError as e:
-        raise LMBasicsError(f"cannot write the export to {out} ({e.strerror or e}); free disk space or choose another --out "
-                            f"(nothing was written)") from None
-    finally: shutil.rmtree(tmp, ignore_errors=True)
-    if info is not False:
-        print(f"Exported {path} (iteration {ckpt['iteration']}, {params['total']:,} parameters, {dtype}) to {out}: "
-              f"{', '.join(weight_files)}, tokenizer ({codec.name}), README.md"
-              + ('' if diff is None else f"\nVerified with transformers: logits within {diff:.1e} of lm_basics', the same token ids")
-              + f"\nLoad it with AutoModelForCausalLM.from_pretrained({str(out)!r})", file=info or sys.stdout, flush=True)
+    except OSError as e: raise _unwritable(out, e) from None
+    finally:
+        if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)   # a partial export (published: nothing is there)
+        if lock is not None: os.close(lock)
+    if info is not False:   # through a Console: a reader that is gone (`| head`) costs no export
+        Console(info or sys.stdout).say(
+            f"Exported {path} (iteration {ckpt['iteration']}, {params['total']:,} parameters, {dtype}) to {out}: "
+            f"{', '.join(weight_files)}, tokenizer ({codec.name}), README.md"
+            + ('' if diff is None else
+               f"\nVerified with transformers: logits within {diff:.1e} of lm_basics', the same token ids")
+            + f"\nLoad it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return out
 
 # %% ../nbs/12_export.ipynb #871fc549

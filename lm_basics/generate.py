@@ -8,14 +8,14 @@ import math, sys
 from pathlib import Path
 from typing import Iterator
 import torch
-from .core import LMBasicsError, cli_errors, resolve_device, cache_dir, CLIParser
+from .core import LMBasicsError, cli_errors, resolve_device, cache_dir, CLIParser, Console
 from .model import TransformerLM, MODEL_ARGS
 from .checkpoint import read_checkpoint, load_checkpoint, RunDir
 from .tokenize import EOT, load_tokenizer
 
 # %% auto #0
-__all__ = ['GENERATE_FLAGS', 'ByteCodec', 'HFCodec', 'find_tokenizer', 'IncrementalLM', 'check_sampling', 'sample_token',
-           'TextStream', 'generate', 'load_model', 'generate_text', 'main']
+__all__ = ['SEED_RANGE', 'GENERATE_FLAGS', 'ByteCodec', 'HFCodec', 'find_tokenizer', 'IncrementalLM', 'check_sampling',
+           'sample_token', 'TextStream', 'generate', 'load_model', 'generate_text', 'main']
 
 # %% ../nbs/06_generate.ipynb #ce4dddcd
 class ByteCodec:
@@ -82,11 +82,22 @@ class IncrementalLM:
         return self.model(torch.tensor([[token]], device=self.device), positions=pos, kv_caches=self.caches)[0, -1]
 
 # %% ../nbs/06_generate.ipynb #94965571
-def check_sampling(temperature:float, top_k:int|None, top_p:float):
+SEED_RANGE = (0, 2**32 - 1)   # the seeds training accepts, and so generation too
+
+def check_sampling(temperature:float, # softmax temperature; 0 is greedy
+                   top_k:int|None, # keep the k most likely tokens (None or 0: all)
+                   top_p:float, # nucleus sampling threshold, in (0, 1]
+                   seed:int|None=None, # seed of the sampler, in [0, 2**32 - 1]
+                   max_new_tokens:int=0, # most tokens to sample
+                  ):
     "Raise `LMBasicsError` for sampling settings that make no sense."
     if not (temperature >= 0 and math.isfinite(temperature)): raise LMBasicsError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 0: raise LMBasicsError(f"top_k must be >= 0 (0 keeps every token), got {top_k}")
     if not 0 < top_p <= 1: raise LMBasicsError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p}")
+    if max_new_tokens < 0: raise LMBasicsError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise LMBasicsError(f"seed must lie in [0, 2**32 - 1] = [0, {SEED_RANGE[1]}], got {seed}; "
+                            f"choose a seed in that range, as for training")
 
 def sample_token(logits:torch.Tensor, # (V,) next-token logits
                  temperature:float=1.0, # softmax temperature; 0 is greedy
@@ -95,9 +106,12 @@ def sample_token(logits:torch.Tensor, # (V,) next-token logits
                  generator:torch.Generator|None=None, # CPU generator for the draw
                 ) -> int:
     "Draw the next token id from `logits`."
-    logits = logits.detach().float().cpu()
+    logits = logits.detach().double().cpu()
+    if torch.isnan(logits).any():
+        raise LMBasicsError("the model's logits are nan: its weights hold nan or inf (a run that diverged); "
+                            "use an earlier checkpoint")
     if temperature == 0: return int(logits.argmax())
-    logits = logits / temperature
+    logits = (logits - logits.max()) / temperature   # the best is 0, the rest <= 0: a tiny temperature gives -inf
     if top_k and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -140,7 +154,7 @@ def generate(model:TransformerLM, # the model (any device; put in eval mode here
              allowed:int|None=None, # only ids below this are sampled (the tokenizer's vocabulary size)
             ) -> Iterator[int]:
     "Yield up to `max_new_tokens` sampled token ids after `prompt_ids`, stopping at `eot_id`."
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed, max_new_tokens)
     g = torch.Generator()
     if seed is not None: g.manual_seed(seed)
     else: g.seed()
@@ -184,19 +198,17 @@ def generate_text(checkpoint:str, # checkpoint file, or a run directory (its new
                   seed:int|None=None, # random seed; unset: a different sample each run
                   device:str='auto', # auto, cpu, cuda, cuda:N or mps
                   echo:bool=True, # print the prompt before the sample
-                  out=None, # where the text is streamed (default: stdout)
+                  out=None, # where the text is streamed (default: stdout); failures of a `Console` are its owner's
                   info=None, # where the one-line summary goes (default: stderr; False for none)
                  ) -> str:
     "Sample a continuation of a prompt from a checkpoint, streaming it to `out` as it is produced; return it."
-    out = out or sys.stdout
     if prompt is not None and prompt_file is not None: raise LMBasicsError("give either --prompt or --prompt_file, not both")
     if prompt_file is not None:
         try: prompt = Path(prompt_file).read_text(encoding='utf-8')
         except FileNotFoundError: raise LMBasicsError(f"prompt file not found: {prompt_file}; check the path") from None
         except (OSError, UnicodeDecodeError) as e: raise LMBasicsError(f"cannot read prompt file {prompt_file} ({e}); it must be UTF-8 text") from None
     prompt = prompt or ''
-    if max_new_tokens < 0: raise LMBasicsError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, seed, max_new_tokens)
     model, cfg = load_model(checkpoint, device)
     codec = find_tokenizer(cfg, tokenizer, run_dir=Path(cfg['checkpoint']).parent)
     V = cfg['vocab_size']
@@ -205,17 +217,23 @@ def generate_text(checkpoint:str, # checkpoint file, or a run directory (its new
                             f"pass the tokenizer the model was trained with (--tokenizer)")
     ids = codec.encode(prompt) if prompt else [codec.eot_id if codec.eot_id is not None else codec.encode('\n')[0]]
     if info is not False:
-        print(f"[{cfg['checkpoint']}: iteration {cfg['iteration']}, tokenizer {codec.name}, prompt {len(ids)} tokens"
-              + (f", of which the model sees the last {cfg['context_length']}" if len(ids) > cfg['context_length'] else '') + "]",
-              file=info or sys.stderr, flush=True)
-    if echo and prompt: out.write(prompt); out.flush()
+        seen = f", of which the model sees the last {cfg['context_length']}" if len(ids) > cfg['context_length'] else ''
+        Console(info or sys.stderr).say(f"[{cfg['checkpoint']}: iteration {cfg['iteration']}, tokenizer {codec.name}, "
+                                        f"prompt {len(ids)} tokens{seen}]")
+    con = out if isinstance(out, Console) else Console(out or sys.stdout)   # the caller's Console: the caller's policy
+    if echo and prompt: con.write(prompt); con.flush()
     stream, pieces = TextStream(codec.decode), []
     for tok in generate(model, ids, max_new_tokens, temperature, top_k, top_p, codec.eot_id, seed, allowed=codec.vocab_size):
-        if (s := stream.put(tok)): out.write(s); out.flush(); pieces.append(s)
-    if (s := stream.flush()): out.write(s); pieces.append(s)
+        if (s := stream.put(tok)): con.write(s); con.flush(); pieces.append(s)
+        if con.lost: break   # the reader went away (`| head`) or the disk is full: nobody sees what comes next
+    if not con.lost and (s := stream.flush()): con.write(s); pieces.append(s)
     text = ''.join(pieces)
-    if not (text or (echo and prompt)).endswith('\n'): out.write('\n')
-    out.flush()
+    if not (text or (prompt if echo else '')).endswith('\n'): con.write('\n')   # the last line ends
+    con.flush()
+    if con.lost and not con.closed_by_reader and con is not out:   # a reader that left had enough; a full disk failed
+        where = 'stdout' if (out or sys.stdout) is sys.stdout else getattr(out, 'name', 'the output')
+        raise LMBasicsError(f"cannot write the generated text to {where} ({con.lost.strerror or con.lost}); "
+                            f"free disk space, or send the text somewhere else")
     return text
 
 # %% ../nbs/06_generate.ipynb #c83614dd

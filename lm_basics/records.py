@@ -7,28 +7,65 @@ from __future__ import annotations
 import json, math, os, time
 from pathlib import Path
 from fastcore.basics import patch_to
-from .core import LMBasicsError, cli_errors, CLIParser
+from .core import LMBasicsError, cli_errors, CLIParser, Console
 
 # %% auto #0
-__all__ = ['SERIES', 'read_metrics', 'RunRecords', 'start_wandb', 'load_run', 'plot_runs', 'main']
+__all__ = ['RUN_HINT', 'RECORD_START', 'MAX_LINE', 'WANDB_SOURCES', 'SERIES', 'read_metrics', 'RunRecords', 'check_wandb_names',
+           'wandb_settings', 'unreachable', 'start_wandb', 'load_run', 'plot_runs', 'main']
 
 # %% ../nbs/07_records.ipynb #3e576d4c
+RUN_HINT = "pass the checkpoint_dir of a run of lm_basics_train"
+
 def _metrics_file(run:str|Path) -> Path:
     p = Path(run)
-    if p.is_dir(): p = p/'metrics.jsonl'
-    elif not p.exists(): raise LMBasicsError(f"run directory not found: {p}; pass a run's checkpoint_dir")
-    if not p.is_file(): raise LMBasicsError(f"{p.parent} has no metrics.jsonl; pass the checkpoint_dir of a run of lm_basics_train")
+    try:
+        if p.is_dir():
+            if not os.path.lexists(p/'metrics.jsonl'): raise LMBasicsError(f"{p} has no metrics.jsonl; {RUN_HINT}")
+            p = p/'metrics.jsonl'
+        elif not p.exists(): raise LMBasicsError(f"run directory not found: {p}; pass a run's checkpoint_dir")
+        if not p.is_file(): raise LMBasicsError(f"{p} is not a file; {RUN_HINT}, or its metrics.jsonl")
+    except OSError as e: raise LMBasicsError(f"cannot read {p} ({e.strerror}); check it and its permissions") from None
     return p
+
+RECORD_START = b'{"iter": '   # how `RunRecords` starts every line
+MAX_LINE = 1 << 20            # a record takes a few hundred bytes: a longer line is not one, and is not read whole
+
+def _lines(f):
+    "The lines of the binary file `f` as `(bytes, whole)`; a line past `MAX_LINE` is cut there, its rest skipped."
+    while line := f.readline(MAX_LINE):
+        if len(line) < MAX_LINE or line.endswith(b'\n'): yield line, True; continue
+        while (rest := f.readline(MAX_LINE)) and not rest.endswith(b'\n'): pass
+        yield line, False
+
+def _number(v) -> bool:
+    "Is `v` a finite JSON number (not a bool, not nan or infinite, not an integer too large for a float)?"
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and -1e300 < v < 1e300
+
+def _record(line:bytes) -> dict|None:
+    "The record on a line of metrics.jsonl, or None if it holds none (half-written, or not lm_basics')."
+    try: r = json.loads(line.decode('utf-8', errors='replace'))
+    except (ValueError, RecursionError): return None   # RecursionError: `[[[[...` nested past Python's limit
+    ok = (isinstance(r, dict) and type(r.get('iter')) is int and 0 <= r['iter'] < 2**63
+          and ('time' not in r or _number(r['time'])))
+    return r if ok else None
+
+def _being_written(line:bytes, whole:bool) -> bool:
+    "Is `line` the last line of the file, cut short because a run is writing it?"
+    return whole and not line.endswith(b'\n') and (line.startswith(RECORD_START) or RECORD_START.startswith(line))
 
 def read_metrics(run:str|Path, # a run directory (its checkpoint_dir), or its metrics.jsonl
                 ) -> list[dict]:
     "The records of a run's `metrics.jsonl`, in order; a line that does not parse (half-written) is left out."
-    out = []
-    with open(_metrics_file(run), encoding='utf-8', errors='replace') as f:
-        for line in f:
-            try: r = json.loads(line)
-            except ValueError: continue
-            if isinstance(r, dict) and isinstance(r.get('iter'), int): out.append(r)
+    p, out, bad = _metrics_file(run), [], None
+    try:
+        with open(p, 'rb') as f:
+            for n, (line, whole) in enumerate(_lines(f), 1):
+                if (r := _record(line) if whole else None) is not None: out.append(r)
+                elif bad is None and line.strip() and not _being_written(line, whole): bad = (n, line[:32])
+    except OSError as e: raise LMBasicsError(f"cannot read {p} ({e.strerror}); check its permissions") from None
+    if not out and bad is not None:
+        raise LMBasicsError(f"{p} is not an lm_basics metrics.jsonl: line {bad[0]} is {bad[1]!r}, not a record "
+                            f"{{\"iter\": N, \"time\": seconds, ...}}; {RUN_HINT}")
     return out
 
 # %% ../nbs/07_records.ipynb #7f41c4e6
@@ -91,6 +128,59 @@ class RunRecords:
         except OSError: pass
         if self.wandb is not None: self.wandb.finish(); self.wandb = None
 
+# %% ../nbs/07_records.ipynb #746db4e7
+def check_wandb_names(project:str, # --wandb_project
+                      name:str|None=None, # --wandb_run_name
+                      tags:list[str]|None=None, # --wandb_tags
+                     ):
+    "Raise `LMBasicsError` for a W&B project, run name or tag that W&B would refuse."
+    named = [('--wandb_project', project), ('--wandb_run_name', name), *(('--wandb_tags', t) for t in tags or [])]
+    for flag, v in named:
+        try: (v or '').encode('utf-8')
+        except UnicodeEncodeError:   # a byte that is not UTF-8 on the command line arrives as a lone surrogate
+            raise LMBasicsError(f"{flag} {v!r} holds bytes that are not UTF-8 text; give it in plain text") from None
+    if len(project) > 128 or any(c in project for c in '/\\#?%:'):
+        raise LMBasicsError(f"--wandb_project {project!r}: W&B takes at most 128 characters, none of / \\ # ? % :")
+    for t in tags or []:
+        if not 1 <= len(t) <= 64: raise LMBasicsError(f"--wandb_tags: {t!r} has {len(t)} characters; W&B takes 1 to 64")
+
+# %% ../nbs/07_records.ipynb #545c8f8c
+WANDB_SOURCES = {'run_name': '--wandb_run_name', 'run_tags': '--wandb_tags', 'project': '--wandb_project',
+                 'run_id': "the W&B run id stored in the checkpoint (start a fresh run without --resume)"}
+
+def wandb_settings(wandb):
+    "W&B's settings as `wandb.init` will see them (files, then WANDB_* variables); a bad value is one line naming it."
+    try: return wandb.setup().settings
+    except Exception as e:
+        if not callable(getattr(e, 'errors', None)): raise   # not a pydantic ValidationError
+        err = e.errors()[0]
+        key = str(err['loc'][0]) if err.get('loc') else '?'
+        var = next((k for k in os.environ if k.upper() == f'WANDB_{key.upper()}'), f'WANDB_{key.upper()}')
+        where = WANDB_SOURCES.get(key) or (f"{var}={os.environ[var]!r}" if var in os.environ else f"setting {key}")
+        fix = 'set it to online, offline or disabled, or unset it' if key == 'mode' else 'fix or unset it'
+        raise LMBasicsError(f"{where} is not valid for W&B ({err['msg']}); {fix}, or drop --use_wandb") from None
+
+# %% ../nbs/07_records.ipynb #0f688562
+def unreachable(url:str, # the W&B server (`base_url`)
+                timeout:float=5.0, # seconds to wait for a connection, name resolution included
+               ) -> str|None:
+    "Why no TCP connection to `url`'s host (or the proxy to it) opens within `timeout` seconds; None if one does."
+    import socket, threading, urllib.parse, urllib.request
+    u = urllib.parse.urlsplit(url)
+    host, port = u.hostname, u.port or (443 if u.scheme == 'https' else 80)
+    proxy = urllib.request.getproxies().get(u.scheme)
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+        host, port = p.hostname, p.port or 80
+    if not host: return f"{url!r} names no server"
+    why = [f"no answer within {timeout:g} s"]
+    def connect():
+        try: socket.create_connection((host, port), timeout=timeout).close(); why[0] = None
+        except OSError as e: why[0] = e.strerror or str(e) or type(e).__name__
+    t = threading.Thread(target=connect, daemon=True)
+    t.start(); t.join(timeout + 1)   # name resolution has no timeout of its own: the thread is left to finish alone
+    return why[0]
+
 # %% ../nbs/07_records.ipynb #e54e539d
 def start_wandb(run_dir:str|Path, # the run directory (W&B writes to run_dir/wandb)
                 config:dict, # the run's configuration
@@ -100,8 +190,14 @@ def start_wandb(run_dir:str|Path, # the run directory (W&B writes to run_dir/wan
                 resume_id:str|None=None, # the id of the W&B run to continue
                ):
     "Start (or continue) the W&B run of a training run; raise `LMBasicsError` if W&B cannot start."
+    check_wandb_names(project, name, tags)
     try: import wandb
     except ImportError: raise LMBasicsError("--use_wandb needs the wandb package: pip install wandb") from None
+    s = wandb_settings(wandb)
+    if s.mode in ('online', 'run', 'shared') and (why := unreachable(s.base_url)):   # W&B itself waits 90 s
+        raise LMBasicsError(f"W&B cannot reach its server {s.base_url} ({why}); check the network, or log offline with "
+                            f"WANDB_MODE=offline (or `wandb offline`) and upload later with `wandb sync`, "
+                            f"or drop --use_wandb")
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         return wandb.init(project=project, name=name, tags=tags or None, config=config, dir=str(run_dir),
@@ -122,7 +218,7 @@ def load_run(run_dir:str|Path, # a run's checkpoint_dir, holding metrics.jsonl
         for k, keys in SERIES.items():
             for key in keys:
                 v = r.get(key)
-                if isinstance(v, (int, float)) and math.isfinite(v): out[k].append((r['iter'], float(r.get('time', math.nan)), float(v)))
+                if _number(v): out[k].append((r['iter'], float(r.get('time', math.nan)), float(v)))
     return out
 
 # %% ../nbs/07_records.ipynb #c333edcf
@@ -212,7 +308,7 @@ def main(argv:list[str]|None=None):
     p.add_argument('--title', default=None, help="figure title (default: the run names)")
     a, _ = p.parse(argv)
     out = a['out'] or (Path(a['run_dirs'][0])/'loss.png' if len(a['run_dirs']) == 1 else Path('loss.png'))
-    print(f"wrote {plot_runs(a['run_dirs'], out, a['title'])}")
+    Console().say(f"wrote {plot_runs(a['run_dirs'], out, a['title'])}")   # a reader gone (`| true`) costs no plot
 
 # %% ../nbs/07_records.ipynb #952f4726
 #| eval: false

@@ -98,3 +98,50 @@ def test_no_wandb_login_is_one_clear_error(runs):
     assert 'wandb' in run.error().lower(), run   # exit 2, exactly one `error:` line, no traceback
     # nothing left behind that would make the directory look like a run
     assert not (ckdir/'metrics.jsonl').exists() and not list(ckdir.glob('checkpoint_iter_*.pt')), sorted(ckdir.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------- W&B that cannot start
+
+def closed_port() -> int:
+    "A local TCP port nobody listens on (just released)."
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+ONLINE = dict(WANDB_MODE='online', WANDB_API_KEY='x' * 40)   # a key, so W&B itself would go on to its server
+BAD_WANDB = {   # case -> (environment, flags, what the one error line must say)
+    'server refuses': (dict(ONLINE, WANDB_BASE_URL='http://127.0.0.1:{port}'), [],
+                       ['W&B cannot reach its server http://127.0.0.1:', 'Connection refused', 'WANDB_MODE=offline', 'wandb offline']),
+    'no such server': (dict(ONLINE, WANDB_BASE_URL='https://wandb.invalid'), [],
+                       ['W&B cannot reach its server https://wandb.invalid', 'WANDB_MODE=offline', 'wandb offline']),
+    'mode misspelt': (dict(WANDB_MODE='ofline'), [], ["WANDB_MODE='ofline' is not valid for W&B", 'online, offline or disabled']),
+    'project': ({}, ['--wandb_project', 'team/project'], ["--wandb_project 'team/project'", '/']),
+    'tag too long': ({}, ['--wandb_tags', 'ok,' + 'x' * 65], ['--wandb_tags', 'has 65 characters; W&B takes 1 to 64']),
+    'run name not UTF-8': ({}, ['--wandb_run_name', 'caf\udce9'], ['--wandb_run_name', 'not UTF-8']),   # a Latin-1 byte
+}
+
+@pytest.fixture(scope='module')
+def bad_wandb_runs(tmp_path_factory, corpus, lm) -> dict:
+    "A short run per case of BAD_WANDB, two at a time: (the run, its seconds, its run directory)."
+    import time
+    port = closed_port()
+    data = ['--train_data_path', corpus.path('train', 'bin'), '--val_data_path', corpus.path('val', 'bin')]
+    def one(case):
+        env, flags, _ = BAD_WANDB[case]
+        d = tmp_path_factory.mktemp('bad_wandb')
+        env = {k: v.format(port=port) for k, v in env.items()} | dict(HOME=str(d), NETRC=str(d/'netrc'), WANDB_CONFIG_DIR=str(d/'cfg'))
+        t0 = time.monotonic()
+        r = lm.run(*data, *lm.tiny_flags(vocab_size=256, max_iters=4), '--checkpoint_dir', d/'run', '--use_wandb', *flags,
+                   cwd=d, env=env, timeout=240)
+        return r, time.monotonic() - t0, d/'run'
+    return dict(zip(BAD_WANDB, lm.in_parallel(one, list(BAD_WANDB))))
+
+@pytest.mark.parametrize('case', list(BAD_WANDB))
+def test_wandb_that_cannot_start_is_one_line_naming_why(case, bad_wandb_runs):
+    """An unreachable server is said within seconds (W&B alone waits 90 s, then blames the API key), with how to log
+    offline; a setting W&B refuses is named (the flag, or the WANDB_* variable), not 'run wandb login'."""
+    run, seconds, ckdir = bad_wandb_runs[case]
+    line = run.error(*BAD_WANDB[case][2])
+    assert 'wandb login' not in line, line
+    assert seconds < 60, f"{case}: {seconds:.0f} s to fail"   # start-up and the model take a few; the probe at most 6
+    assert not (ckdir/'metrics.jsonl').exists() and not list(ckdir.glob('checkpoint_iter_*.pt'))

@@ -216,10 +216,10 @@ def generate_text(checkpoint:str, # checkpoint file, or a run directory (its new
         raise LMBasicsError(f"the tokenizer {codec.name} has {codec.vocab_size:,} tokens but the model only {V:,}; "
                             f"pass the tokenizer the model was trained with (--tokenizer)")
     ids = codec.encode(prompt) if prompt else [codec.eot_id if codec.eot_id is not None else codec.encode('\n')[0]]
-    if info is not False:
+    if info is not False and (dest := info or sys.stderr) is not None:   # None: stderr closed (`2>&-`)
         seen = f", of which the model sees the last {cfg['context_length']}" if len(ids) > cfg['context_length'] else ''
-        Console(info or sys.stderr).say(f"[{cfg['checkpoint']}: iteration {cfg['iteration']}, tokenizer {codec.name}, "
-                                        f"prompt {len(ids)} tokens{seen}]")
+        Console(dest).say(f"[{cfg['checkpoint']}: iteration {cfg['iteration']}, tokenizer {codec.name}, "
+                          f"prompt {len(ids)} tokens{seen}]")
     con = out if isinstance(out, Console) else Console(out or sys.stdout)   # the caller's Console: the caller's policy
     if echo and prompt: con.write(prompt); con.flush()
     stream, pieces = TextStream(codec.decode), []

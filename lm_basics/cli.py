@@ -6,19 +6,14 @@
 __all__ = ['run', 'train', 'prepare', 'generate', 'plot', 'bench', 'export']
 
 # %% ../nbs/13_cli.ipynb #a6316642
-import os, signal, sys, importlib
-
-def _stop_at_once(what:str):
-    def handler(signum, frame):
-        print(f"\nStopped by {signal.Signals(signum).name} during start-up: {what}", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-    return handler
+import sys, importlib
+from .core import SIGNALS   # light: the core imports PyTorch only when it needs it
 
 def run(module:str, # the tool's module in lm_basics
         what:str='nothing was written', # what a signal before its main leaves behind
        ):
     "Start the console script of `lm_basics.<module>`: signals are answered at once until its `main` takes over."
-    for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, _stop_at_once(what))
+    SIGNALS.install().at_once(f"during start-up: {what}", hard=True)
     sys.exit(importlib.import_module(f'lm_basics.{module}').main())
 
 def train(): run('train', 'nothing was trained or saved')

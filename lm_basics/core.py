@@ -4,14 +4,13 @@
 
 # %% ../nbs/00_core.ipynb #a6316642
 from __future__ import annotations
-import argparse, dataclasses, difflib, errno, functools, importlib, inspect, os, re, signal, sys, threading, typing
+import argparse, contextlib, dataclasses, difflib, errno, functools, importlib, inspect, os, re, signal, sys, threading, typing
 from pathlib import Path
-import torch
 from fastcore.docments import docments
 
 # %% auto #0
-__all__ = ['LMBasicsError', 'Interrupted', 'cli_errors', 'Console', 'resolve_device', 'cache_dir', 'convert', 'docs_of',
-           'CLIParser']
+__all__ = ['SIGNALS', 'LMBasicsError', 'Interrupted', 'StopRequested', 'Signals', 'cli_errors', 'Console', 'resolve_device',
+           'cache_dir', 'convert', 'docs_of', 'CLIParser']
 
 # %% ../nbs/00_core.ipynb #3e576d4c
 class LMBasicsError(Exception):
@@ -23,15 +22,61 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message or signal.Signals(signum).name)
         self.signum, self.message = signum, message
 
-# %% ../nbs/00_core.ipynb #7f41c4e6
-def _interrupt(signum, frame): raise Interrupted(signum)
+# %% ../nbs/00_core.ipynb #41496e54
+class StopRequested(Exception):
+    "Raised at a safe point (between micro-batches, between evaluation batches) when a stop was requested."
 
+class Signals:
+    "The one handler of SIGINT and SIGTERM, in phases: stop at once with a line saying what became of the work, or take a request."
+    def __init__(self):
+        self.what, self.hard, self.twice, self.requested, self._old = None, False, None, None, {}
+
+    def install(self):
+        "Handle SIGINT and SIGTERM here from now on (in the main thread only: Python delivers signals there)."
+        if threading.current_thread() is threading.main_thread() and not self._old:
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def at_once(self, what:str|None=None, # what became of the work, said after "Stopped by SIGINT "
+                hard:bool=False, # exit there and then (while importing, no exception may run through half-made modules)
+               ):
+        "Phase one: a signal stops at once, saying `what` (default: nothing half-written was kept)."
+        self.what, self.hard, self.twice = what, hard, None
+        return self
+
+    @contextlib.contextmanager
+    def requests(self, twice, # returns what a second Ctrl-C leaves on disk, said as it stops at once
+                ):
+        "Phase two, for a block: the first signal is a request (`requested`) the work honours at its next safe point."
+        self.install()
+        self.requested, self.twice = None, twice
+        try: yield self
+        finally: self.twice = None
+
+    def check(self):
+        "Raise `StopRequested` if a stop was requested."
+        if self.requested is not None: raise StopRequested()
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.twice is None:
+            msg = f"Stopped by {name} {self.what}" if self.what else f"Interrupted by {name}: stopped; nothing half-written was kept"
+            if self.hard: print(f"\n{msg}", file=sys.stderr, flush=True); os._exit(128 + signum)
+            raise Interrupted(signum, msg)
+        if self.requested is None:
+            self.requested = signum
+            print(f"\nReceived {name}: stopping at the next micro-batch, then saving a checkpoint "
+                  f"(press Ctrl-C again to stop at once)", flush=True)
+        elif signum == signal.SIGINT: raise Interrupted(signum, self.twice())
+
+SIGNALS = Signals()   # the process's one handler
+
+# %% ../nbs/00_core.ipynb #7f41c4e6
 def cli_errors(main):
     "Decorate a CLI entry point: `LMBasicsError` prints one `error:` line and exits 2; Ctrl-C, SIGTERM or a closed pipe exit 128 + signal."
     @functools.wraps(main)
     def _inner(*args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, _interrupt)
+        SIGNALS.install().at_once()   # from here a signal stops the tool with one line (a trainer takes requests later)
         try: return main(*args, **kwargs)
         except LMBasicsError as e:
             rank = os.environ.get('RANK', '0') if 'WORLD_SIZE' in os.environ else '0'
@@ -78,6 +123,7 @@ def _silence(f):
 def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
                   ) -> torch.device:
     "Turn a device name into a `torch.device` that exists on this machine."
+    import torch   # here, not at the top: the console scripts import this module in their first instant
     if device == 'auto':
         if torch.cuda.is_available(): return torch.device('cuda')
         if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')

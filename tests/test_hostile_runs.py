@@ -71,10 +71,10 @@ def test_resume_on_replaced_data_is_refused(lm, corpus, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- stop requests
 def test_sigterm_in_a_long_step_stops_within_a_micro_batch(lm, corpus, tmp_path):
-    """A step of 200,000 micro-batches (minutes of work): SIGTERM once training started stops within seconds, the step
+    """A step of 60,000 micro-batches (minutes of work): SIGTERM once training started stops within seconds, the step
     abandoned, and the checkpoint holds the last completed iteration; --resume auto continues from it."""
     d = tmp_path/'run'
-    p = lm.start(*flags(lm, corpus, max_iters=2), '--gradient_accumulation_steps', 200_000, '--eval_interval', 1000,
+    p = lm.start(*flags(lm, corpus, max_iters=2), '--gradient_accumulation_steps', 60_000, '--eval_interval', 1000,
                  '--checkpoint_dir', d, cwd=tmp_path)
     p.wait_for(r'^-{80}')
     time.sleep(1.0)

@@ -5,13 +5,14 @@
 # %% ../nbs/03_optim.ipynb #faaa090a
 from __future__ import annotations
 import math
+from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from .core import LMBasicsError
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'is_block_matrix', 'param_groups', 'newton_schulz', 'newton_schulz_dtype', 'MuonAdamW',
-           'make_optimizer', 'cosine_lr', 'wsd_lr', 'linear_lr', 'learning_rate', 'clip_grad_norm']
+           'OptimizerConfig', 'make_optimizer', 'cosine_lr', 'wsd_lr', 'linear_lr', 'learning_rate', 'clip_grad_norm']
 
 # %% ../nbs/03_optim.ipynb #7941282f
 def is_block_matrix(name:str, # the parameter's name in the model (wrapper prefixes allowed)
@@ -104,27 +105,37 @@ class MuonAdamW:
 # %% ../nbs/03_optim.ipynb #1400c888
 OPTIMIZERS = ('adamw', 'muon')
 
+@dataclass
+class OptimizerConfig:
+    "The optimizer's settings; the trainer's `TrainConfig` has the same fields, so either can be given to `make_optimizer`."
+    lr:float=6e-4 # peak learning rate (the schedule sets the actual one every step)
+    weight_decay:float=0.1 # decoupled weight decay of the weight matrices
+    beta1:float=0.9 # decay rate of the gradient's running mean
+    beta2:float=0.95 # decay rate of the squared gradient's running mean
+    eps:float=1e-8 # added to the denominator for stability
+    optimizer:str='adamw' # 'adamw', or 'muon' for the blocks' matrices (with AdamW for the rest)
+    muon_lr:float=0.05 # peak learning rate of the matrices under Muon
+    muon_momentum:float=0.95 # Muon's (Nesterov) momentum
+    muon_weight_decay:float=0.0 # decoupled weight decay of the matrices under Muon (times the lr)
+
 def make_optimizer(model:nn.Module, # the model to optimise
-                   lr:float=6e-4, # peak learning rate (the schedule sets the actual one every step)
-                   weight_decay:float=0.1, # decoupled weight decay of the weight matrices
-                   beta1:float=0.9, # decay rate of the gradient's running mean
-                   beta2:float=0.95, # decay rate of the squared gradient's running mean
-                   eps:float=1e-8, # added to the denominator for stability
+                   cfg=None, # an `OptimizerConfig`, or anything with its fields (a `TrainConfig`); None: the defaults
                    device_type:str='cpu', # 'cuda' selects the fused implementation
-                   optimizer:str='adamw', # 'adamw', or 'muon' for the blocks' matrices (with AdamW for the rest)
-                   muon_lr:float=0.05, # peak learning rate of the matrices under Muon
-                   muon_momentum:float=0.95, # Muon's (Nesterov) momentum
-                   muon_weight_decay:float=0.0, # decoupled weight decay of the matrices under Muon (times the lr)
+                   **settings, # fields of `OptimizerConfig` to change (`lr=1e-3`, `optimizer='muon'`, ...)
                   ) -> torch.optim.AdamW|MuonAdamW:
     "`torch.optim.AdamW` over `param_groups(model, weight_decay)`, or Muon for the blocks' matrices and AdamW for the rest."
-    if optimizer not in OPTIMIZERS: raise LMBasicsError(f"unknown optimizer {optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
+    names = {f.name for f in fields(OptimizerConfig)}
+    if unknown := set(settings) - names: raise TypeError(f"make_optimizer: unknown settings {sorted(unknown)}")
+    o = OptimizerConfig(**{**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)}, **settings})
+    if o.optimizer not in OPTIMIZERS: raise LMBasicsError(f"unknown optimizer {o.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
     impl = dict(fused=True) if device_type == 'cuda' else dict(foreach=True)
-    if optimizer == 'adamw': return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps, **impl)
+    adamw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **impl)
+    if o.optimizer == 'adamw': return torch.optim.AdamW(param_groups(model, o.weight_decay), **adamw)
     # no empty groups (tied embeddings leave AdamW nothing to decay): torch.distributed.checkpoint refuses them with two optimizers
-    groups = [g for g in param_groups(model, weight_decay, muon=True) if g['params']]
-    muon = torch.optim.Muon([g for g in groups if g['muon']], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay, nesterov=True)
-    adamw = torch.optim.AdamW([g for g in groups if not g['muon']], lr=lr, betas=(beta1, beta2), eps=eps, **impl)
-    return MuonAdamW(muon, adamw)
+    groups = [g for g in param_groups(model, o.weight_decay, muon=True) if g['params']]
+    muon = torch.optim.Muon([g for g in groups if g['muon']], lr=o.muon_lr, momentum=o.muon_momentum,
+                            weight_decay=o.muon_weight_decay, nesterov=True)
+    return MuonAdamW(muon, torch.optim.AdamW([g for g in groups if not g['muon']], **adamw))
 
 # %% ../nbs/03_optim.ipynb #e638f446
 def cosine_lr(it:int, # current iteration, 0-based

@@ -55,7 +55,7 @@ def step_seconds(base:dict, # the base configuration
     for name, r in recipes.items():
         cfg = {**base, **r}
         m = recipe_model(base, r, vocab_size)
-        opt = make_optimizer(m, cfg['lr'], cfg['weight_decay'], optimizer=cfg.get('optimizer', 'adamw'))
+        opt = make_optimizer(m, lr=cfg['lr'], weight_decay=cfg['weight_decay'], optimizer=cfg.get('optimizer', 'adamw'))
         steps_of[name] = TrainStep(m, opt, loss_chunk=1024)
         steps_of[name](_Fixed(x, y))   # warm-up
     for _ in range(rounds):

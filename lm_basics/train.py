@@ -628,8 +628,7 @@ class Trainer:
         self.params = n = count_parameters(self.model)
         self.console.say(f"Total parameters: {n['total']:,}\nTrainable parameters: {n['trainable']:,}\n"
                          f"Non-embedding parameters: {n['non_embedding']:,}")
-        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.eps, self.device.type,
-                                        cfg.optimizer, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay)
+        self.optimizer = make_optimizer(self.model, cfg, self.device.type)
         if plan.checkpoint is not None:
             load_checkpoint(plan.checkpoint, self.model, self.optimizer)
             if 'rng' in (ts := plan.checkpoint.get('train_state') or {}): set_rng_state(ts['rng'], self.batches.generator)

@@ -168,15 +168,16 @@ def unreachable(url:str, # the W&B server (`base_url`)
     import socket, threading, urllib.parse, urllib.request
     u = urllib.parse.urlsplit(url)
     host, port = u.hostname, u.port or (443 if u.scheme == 'https' else 80)
-    proxy = urllib.request.getproxies().get(u.scheme)
-    if proxy and host and not urllib.request.proxy_bypass(host):
-        p = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
-        host, port = p.hostname, p.port or 80
     if not host: return f"{url!r} names no server"
-    why = [f"no answer within {timeout:g} s"]
+    proxy, via = urllib.request.getproxies().get(u.scheme), ''
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urllib.parse.urlsplit(proxy if '://' in proxy else f'http://{proxy}')
+        if not p.hostname: return f"the proxy {proxy!r} names no server"
+        host, port, via = p.hostname, p.port or 80, f" at the proxy {proxy}"
+    why = [f"no answer within {timeout:g} s{via}"]
     def connect():
         try: socket.create_connection((host, port), timeout=timeout).close(); why[0] = None
-        except OSError as e: why[0] = e.strerror or str(e) or type(e).__name__
+        except OSError as e: why[0] = (e.strerror or str(e) or type(e).__name__) + via
     t = threading.Thread(target=connect, daemon=True)
     t.start(); t.join(timeout + 1)   # name resolution has no timeout of its own: the thread is left to finish alone
     return why[0]

@@ -108,7 +108,7 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
-ONLINE = dict(WANDB_MODE='online', WANDB_API_KEY='x' * 40)   # a key, so W&B itself would go on to its server
+ONLINE = dict(WANDB_MODE='online', WANDB_API_KEY='x' * 40, no_proxy='*')   # a key: W&B itself would go on to its server
 BAD_WANDB = {   # case -> (environment, flags, what the one error line must say)
     'server refuses': (dict(ONLINE, WANDB_BASE_URL='http://127.0.0.1:{port}'), [],
                        ['W&B cannot reach its server http://127.0.0.1:', 'Connection refused', 'WANDB_MODE=offline', 'wandb offline']),

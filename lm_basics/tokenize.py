@@ -4,19 +4,20 @@
 
 # %% ../nbs/05_tokenize.ipynb #a6316642
 from __future__ import annotations
-import codecs, errno, glob, hashlib, json, math, os, re, shutil, sys, time
-from concurrent.futures import ThreadPoolExecutor
+import codecs, contextlib, errno, glob, hashlib, json, math, os, re, shutil, signal, stat, sys, threading, time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer, Regex, models, pre_tokenizers, decoders, trainers
-from .core import LMBasicsError, cli_errors, CLIParser
+from .core import LMBasicsError, cli_errors, CLIParser, Console
 from .data import open_tokens, shakespeare_plays, peak_rss_mb
 
 # %% auto #0
-__all__ = ['EOT', 'WORD_RE', 'TEXT_SUFFIXES', 'PREPARED_FILES', 'PREPARE_FLAGS', 'bpe_tokenizer', 'check_vocab_size', 'train_bpe',
-           'merges', 'show_token', 'load_tokenizer', 'find_inputs', 'read_text', 'cut_point', 'iter_pieces',
-           'TokenWriter', 'is_val_document', 'token_dtype', 'prepare', 'main', 'benchmark_encode']
+__all__ = ['EOT', 'WORD_RE', 'MAX_VOCAB', 'TEXT_SUFFIXES', 'PREPARED_FILES', 'META_TYPES', 'PREPARE_FLAGS', 'bpe_tokenizer',
+           'check_bpe_settings', 'train_bpe', 'merges', 'show_token', 'load_tokenizer', 'find_inputs', 'read_text',
+           'cut_point', 'iter_pieces', 'TokenWriter', 'is_val_document', 'token_dtype', 'TrainingText', 'prepare',
+           'read_meta', 'main', 'benchmark_encode']
 
 # %% ../nbs/05_tokenize.ipynb #3e576d4c
 EOT = '<|endoftext|>'
@@ -31,14 +32,21 @@ def bpe_tokenizer() -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     return tok
 
-def check_vocab_size(vocab_size:int, special_tokens:list[str]):
-    "Raise `LMBasicsError` unless `vocab_size` fits the 256 byte tokens plus the special tokens."
+MAX_VOCAB = 1 << 20   # the trainer reserves about 70 bytes per entry up front: 2**32 entries would ask for 280 GB
+
+def check_bpe_settings(vocab_size:int, special_tokens:list[str], min_frequency:int=2):
+    "Raise `LMBasicsError` unless a BPE with these settings can be trained."
     need = 256 + len(special_tokens)
     if vocab_size < need:
         raise LMBasicsError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + {len(special_tokens)} "
                             f"special token(s) = {need}; use --vocab_size {need} or more (a few thousand is typical)")
-    if vocab_size > 2**32:
-        raise LMBasicsError(f"vocab_size {vocab_size} does not fit in uint32 token files; use --vocab_size 4294967296 or less")
+    if vocab_size > MAX_VOCAB:
+        raise LMBasicsError(f"vocab_size {vocab_size:,} is too large to train: the BPE trainer reserves memory for "
+                            f"every token up front; use --vocab_size {MAX_VOCAB} or less (language models use 32,000 "
+                            f"to 256,000)")
+    if not 0 <= min_frequency < 2**64:   # the trainer counts in 64 bits
+        raise LMBasicsError(f"min_frequency {min_frequency} is out of range: a pair is merged when it occurs at least "
+                            f"this often; use --min_frequency 0 or more (2 is typical)")
 
 def train_bpe(texts:Iterable[str], # the training text, in pieces (documents or parts of them)
               vocab_size:int=10000, # size of the vocabulary: 256 bytes + special tokens + merges
@@ -47,7 +55,7 @@ def train_bpe(texts:Iterable[str], # the training text, in pieces (documents or 
              ) -> Tokenizer:
     "Train a byte-level BPE tokenizer on `texts`."
     special_tokens = list(special_tokens)
-    check_vocab_size(vocab_size, special_tokens)
+    check_bpe_settings(vocab_size, special_tokens, min_frequency)
     tok = bpe_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -70,18 +78,38 @@ def load_tokenizer(path:str|Path, # a `tokenizer.json` saved by Hugging Face `to
                   ) -> Tokenizer:
     "Load a `tokenizer.json`, checking that it has `<|endoftext|>`."
     p = Path(path)
-    if not p.is_file(): raise LMBasicsError(f"tokenizer not found: {p}; pass the path of a tokenizer.json (or leave it out to train one)")
+    if not p.exists():
+        raise LMBasicsError(f"tokenizer not found: {p}; pass the path of a tokenizer.json (or leave it out to train)")
+    if not p.is_file():
+        raise LMBasicsError(f"tokenizer {p} is not a regular file but {_kind(p)}; pass the path of a tokenizer.json")
     try: tok = Tokenizer.from_file(str(p))
     except Exception as e:
-        raise LMBasicsError(f"{p} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0][:100]}); "
+        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise LMBasicsError(f"{p} is not a Hugging Face tokenizer.json ({why}); "
                             f"pass a file saved by tokenizers (Tokenizer.save) or lm_basics_prepare") from None
     if tok.token_to_id(EOT) is None:
         raise LMBasicsError(f"tokenizer {p} has no {EOT} token, which lm_basics uses to separate documents; "
                             f"train a new tokenizer (leave out --tokenizer) or add {EOT} as a special token")
     return tok
 
+def _kind(p:Path) -> str:
+    "What a path that is not a regular file is: 'a folder', 'a FIFO (named pipe)', 'a character device', ..."
+    try: m = p.stat().st_mode
+    except OSError as e: return e.strerror
+    for test, name in ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'), (stat.S_ISSOCK, 'a socket'),
+                       (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device')):
+        if test(m): return name
+    return 'not a file'
+
 # %% ../nbs/05_tokenize.ipynb #9a5e1a76
 TEXT_SUFFIXES = ('.txt', '.md')
+
+def _regular(p:Path) -> Path:
+    "`p`, if it is a regular file (or a link to one); else the error to raise."
+    if p.is_file(): return p
+    raise LMBasicsError(f"input {p} is not a regular file but {_kind(p)}; lm_basics_prepare reads its inputs "
+                        f"several times (scan, train, encode), which a stream or device cannot give: save the text "
+                        f"to a file first and pass that")
 
 def find_inputs(inputs:list[str], # files, folders and glob patterns
                 suffixes:tuple[str, ...]=TEXT_SUFFIXES, # which files of a folder are text
@@ -94,14 +122,15 @@ def find_inputs(inputs:list[str], # files, folders and glob patterns
             if f.resolve() not in seen: seen.add(f.resolve()); files.append(f)
     for s in inputs:
         p = Path(s)
-        if p.is_file(): add([p])
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob('*') if f.suffix.lower() in suffixes and f.is_file()
+        if p.is_dir():
+            found = sorted(_regular(f) for f in p.rglob('*')
+                           if f.suffix.lower() in suffixes and f.exists() and not f.is_dir()
                            and not any(part.startswith('.') for part in f.relative_to(p).parts))
             if not found: raise LMBasicsError(f"folder {p} holds no {' or '.join(suffixes)} files; pass the text files themselves")
             add(found)
+        elif p.exists(): add([_regular(p)])
         elif any(c in s for c in '*?['):
-            found = sorted(Path(f) for f in glob.glob(s, recursive=True) if Path(f).is_file())
+            found = sorted(_regular(Path(f)) for f in glob.glob(s, recursive=True) if not Path(f).is_dir())
             if not found: raise LMBasicsError(f"no files match {s!r}; check the pattern (quote it so the shell does not expand it)")
             add(found)
         else: raise LMBasicsError(f"input not found: {s}; check the path")
@@ -115,10 +144,14 @@ def read_text(path:Path, # a UTF-8 text file
     "Yield the text of a UTF-8 file in blocks, raising `LMBasicsError` at the first byte that is not text."
     dec, pos = codecs.getincrementaldecoder('utf-8')('strict'), 0
     try: f = open(path, 'rb')
-    except OSError as e: raise LMBasicsError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    except OSError as e:
+        raise LMBasicsError(f"cannot read {path} ({e.strerror}); check that it is a readable text file") from None
     with f:
         while True:
-            b = f.read(block_bytes)
+            try: b = f.read(block_bytes)
+            except OSError as e:
+                raise LMBasicsError(f"cannot read {path} after {pos:,} bytes ({e.strerror}); "
+                                    f"check the file and its disk") from None
             if on_bytes is not None and b: on_bytes(b)
             held = len(dec.getstate()[0])
             try: s = dec.decode(b, final=not b)
@@ -254,8 +287,9 @@ def _make_work_dir(out:Path, force:bool=False) -> tuple[Path, list[Path], int]:
     except BaseException: _remove_created(created); raise
     work = out/f'.prepare-{os.getpid()}'
     try:
-        for pid, old in _work_dirs(out).items():   # left by a process that was killed outright (none can be alive: the lock is ours)
-            if not _alive(pid): shutil.rmtree(old, ignore_errors=True)
+        # A prepare holds the lock for as long as its directory exists, so under our lock every one found was left by a
+        # process killed outright, whatever its pid names now (a pid is reused: it may be another program's, or ours).
+        for old in _work_dirs(out).values(): shutil.rmtree(old, ignore_errors=True)
         work.mkdir()
         (work/'probe').write_bytes(b''); (work/'probe').unlink()
     except BaseException as e:   # unwritable, or a signal right now: nothing is left behind either way
@@ -278,7 +312,97 @@ def _cleanup(work:Path, created:list[Path]):
     shutil.rmtree(work, ignore_errors=True)
     _remove_created(created)
 
+# %% ../nbs/05_tokenize.ipynb #2133f496
+def _in_background(fn, *args, **kwargs) -> Future:
+    "Start `fn` in a daemon thread, which a stop does not wait for; its result or exception comes back in the `Future`."
+    fut = Future()
+    def run():
+        try: fut.set_result(fn(*args, **kwargs))
+        except BaseException as e: fut.set_exception(e)
+    threading.Thread(target=run, name=getattr(fn, '__name__', 'work'), daemon=True).start()
+    return fut
+
+def _wait(fut:Future, nap:float=0.1):
+    "The result of `fut`, waited for in naps of `nap` seconds: a signal's handler runs between them."
+    while True:
+        try: return fut.result(timeout=nap)   # a signal that lands on another thread does not wake an endless wait
+        except TimeoutError: pass
+
+@contextlib.contextmanager
+def _signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    "Hold `signals` while the block runs (it must not be cut in half), then deliver them; only the main thread can."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    got, old = [], {s: signal.getsignal(s) for s in signals}
+    for s in signals: signal.signal(s, lambda signum, frame: got.append(signum))
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+        if got: signal.raise_signal(got[0])   # to the handler the caller had
+
+# %% ../nbs/05_tokenize.ipynb #97c7a6bd
+def _input_changed(f:Path, what:str) -> LMBasicsError:
+    return LMBasicsError(f"input {f} changed while lm_basics_prepare was reading it ({what}); nothing was written; "
+                         f"run it again once nothing writes to the file (or prepare a copy of it)")
+
+def _check_unchanged(f:Path, # an input file
+                     before:os.stat_result, # its `os.stat` before it was first read
+                     read:int|None=None, # how many bytes a full read of it gave
+                    ):
+    "Raise `LMBasicsError` unless `f` is still the file `before` describes (and `read` is its size)."
+    try: now = os.stat(f)
+    except OSError as e: raise _input_changed(f, f"it cannot be found any more: {e.strerror}") from None
+    if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino): what = 'it was replaced by another file'
+    elif now.st_size != before.st_size: what = f'its size went from {before.st_size:,} to {now.st_size:,} bytes'
+    elif read is not None and read != before.st_size: what = f'{read:,} bytes were read of its {before.st_size:,}'
+    elif now.st_mtime_ns != before.st_mtime_ns: what = 'it was modified'
+    else: return
+    raise _input_changed(f, what)
+
+# %% ../nbs/05_tokenize.ipynb #9399ddd7
+class TrainingText:
+    "The text the tokenizer trains on: the corpus from its start, until one of the two limits."
+    def __init__(self, files:list[Path], # the input files, in order
+                 piece_chars:int=1<<16, # largest piece handed to the trainer
+                 max_bytes:int=0, # end after this many bytes of text (0: no limit)
+                 max_distinct_bytes:int=0, # end once the distinct words seen hold this many bytes (0: no limit)
+                 on_bytes=None, # called with the number of bytes of each piece handed on
+                ):
+        self.files, self.piece_chars, self.on_bytes = files, piece_chars, on_bytes
+        self.max_bytes, self.max_distinct_bytes = max_bytes, max_distinct_bytes
+        self.bytes, self.distinct_bytes = 0, 0
+        self.ended_by = None   # 'max_bytes' or 'max_distinct_bytes', when a limit ended the text
+        self._stop = threading.Event()
+    def stop(self):
+        "End the text at the next piece (its trainer was abandoned)."
+        self._stop.set()
+    def __iter__(self) -> Iterator[str]:
+        words = set()
+        for text, _ in iter_pieces(self.files, self.piece_chars):
+            if self._stop.is_set(): return
+            n = len(text.encode('utf-8'))
+            if self.max_bytes and self.bytes + n >= self.max_bytes:
+                text = text[:self.max_bytes - self.bytes]   # the rest, counted in characters (each is at least a byte)
+                n, self.ended_by = len(text.encode('utf-8')), 'max_bytes'
+            if self.max_distinct_bytes:
+                new = set(text.split()) - words
+                words |= new
+                self.distinct_bytes += sum(len(w.encode('utf-8')) for w in new)
+                if self.distinct_bytes >= self.max_distinct_bytes: self.ended_by = 'max_distinct_bytes'
+            self.bytes += n
+            if self.on_bytes is not None: self.on_bytes(n)
+            yield text
+            if self.ended_by: return
+
 # %% ../nbs/05_tokenize.ipynb #94116f81
+def _check_numbers(val_fraction, tokenizer_train_bytes, tokenizer_distinct_bytes, piece_chars, batch_chars):
+    "Refuse the numbers given to `prepare` (other than the tokenizer's own) that cannot work, before anything is read."
+    if not 0 < val_fraction < 1: raise LMBasicsError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}; 0.1 is typical")
+    for name, v in (('tokenizer_train_bytes', tokenizer_train_bytes),
+                    ('tokenizer_distinct_bytes', tokenizer_distinct_bytes)):
+        if v < 0:
+            raise LMBasicsError(f"{name} must be 0 (no limit) or a number of bytes, got {v}; use --{name} 0 or more")
+    if piece_chars < 64 or batch_chars < piece_chars: raise LMBasicsError("piece_chars must be at least 64 and batch_chars at least piece_chars")
+
 def prepare(inputs:list[str], # text files, folders of them, or glob patterns
             out:str|Path, # output directory for train.npy, val.npy, tokenizer.json and meta.json
             vocab_size:int=10000, # vocabulary size of the tokenizer to train
@@ -287,6 +411,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
             val_fraction:float=0.1, # fraction of documents for validation
             min_frequency:int=2, # a pair must occur this often to become a merge
             tokenizer_train_bytes:int=0, # train the tokenizer on the first N bytes of text only (0: all)
+            tokenizer_distinct_bytes:int=4_000_000, # end that once its distinct words hold N bytes (0: no limit)
             force:bool=False, # replace prepared data already in the output directory
             verify:bool=True, # decode every batch again and check that it gives back the text
             progress:bool=True, # show progress bars (on a terminal)
@@ -295,23 +420,23 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
             log=None, # where the summary goes (default: stdout; False for none)
            ) -> dict:
     "Tokenize text files into `train.npy`, `val.npy`, `tokenizer.json` and `meta.json` in `out`; return the metadata and timings."
-    say = (lambda *a: None) if log is False else (lambda *a: print(*a, file=log or sys.stdout, flush=True))
+    say = Console(None if log is False else log, quiet=log is False).say
     special_tokens = [EOT] + [s for s in dict.fromkeys(special_tokens) if s != EOT]
     if any(not s or s.isspace() for s in special_tokens): raise LMBasicsError(f"special tokens must not be empty: {special_tokens}")
-    if tokenizer is None: check_vocab_size(vocab_size, special_tokens)
-    if not 0 < val_fraction < 1: raise LMBasicsError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}; 0.1 is typical")
-    if piece_chars < 64 or batch_chars < piece_chars: raise LMBasicsError("piece_chars must be at least 64 and batch_chars at least piece_chars")
+    if tokenizer is None: check_bpe_settings(vocab_size, special_tokens, min_frequency)
+    _check_numbers(val_fraction, tokenizer_train_bytes, tokenizer_distinct_bytes, piece_chars, batch_chars)
     files = find_inputs(list(inputs))
     out = Path(out)
     _check_out_dir(out, force)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    before = {f: os.stat(f) for f in files}   # what each input is before it is read: checked after each reading
     for f in files:
-        if f.stat().st_size == 0: raise LMBasicsError(f"input {f} is empty; remove it from the inputs")
-    writers = {}
+        if before[f].st_size == 0: raise LMBasicsError(f"input {f} is empty; remove it from the inputs")
+    writers, published = {}, False
     work, created, lock = _make_work_dir(out, force)   # from here on, the `except` below cleans up
     try:
         # -- scan: validate, hash and count documents
-        sources, total = [], sum(f.stat().st_size for f in files)
+        sources, total = [], sum(st.st_size for st in before.values())
         n_docs, last_len = 0, 0
         with _bar(total, 'scan', progress) as bar:
             for f in files:
@@ -323,27 +448,26 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
                 for text, end in iter_pieces([f], piece_chars, on_bytes):
                     doc_len += len(text)
                     if end: n_docs += 1; last_len, doc_len = doc_len, 0
+                _check_unchanged(f, before[f], read=size)
                 sources.append(dict(path=str(f.resolve()), bytes=size, sha256=h.hexdigest()))
         if n_docs == 0: raise LMBasicsError(f"the input holds no text (only whitespace and separators): {', '.join(map(str, files[:3]))}; check the inputs")
         split_by_document = math.floor(n_docs * val_fraction) > 0
         say(f"Inputs: {len(files)} file(s), {total / 1e6:.1f} MB, {n_docs:,} document(s)")
 
-        # -- train the tokenizer
+        # -- train the tokenizer, in a thread that a stop does not wait for
         if tok is None:
             t0 = time.perf_counter()
-            def training_text():
-                seen = 0
-                with _bar(tokenizer_train_bytes or total, 'train tokenizer', progress) as bar:
-                    for text, _ in iter_pieces(files, piece_chars):
-                        n = len(text.encode('utf-8'))
-                        if tokenizer_train_bytes and seen + n > tokenizer_train_bytes:
-                            yield text[:tokenizer_train_bytes - seen]   # the rest of the budget, counted in characters (each is at least a byte)
-                            return
-                        yield text
-                        seen += n; bar.update(n)
-            tok = train_bpe(training_text(), vocab_size, special_tokens, min_frequency)
+            with _bar(tokenizer_train_bytes or total, 'train tokenizer', progress) as bar:
+                text = TrainingText(files, piece_chars, tokenizer_train_bytes, tokenizer_distinct_bytes, bar.update)
+                try: tok = _wait(_in_background(train_bpe, text, vocab_size, special_tokens, min_frequency))
+                finally: text.stop()   # a stopped prepare stops feeding the trainer it leaves behind
+            first = f" on the first {text.bytes / 1e6:.1f} MB of text"
+            on = {'max_bytes': f"{first} (--tokenizer_train_bytes)",
+                  'max_distinct_bytes': f"{first}, where its distinct words reached {tokenizer_distinct_bytes:,} bytes "
+                                        f"(--tokenizer_distinct_bytes, which bounds the trainer's memory)"}
+            short = f" (asked for {vocab_size:,}: no other pair occurs {min_frequency} time(s) or more)"
             say(f"Tokenizer: trained a byte-level BPE of {tok.get_vocab_size():,} tokens in {time.perf_counter() - t0:.1f} s"
-                + (f" (asked for {vocab_size:,}: the text has too few distinct pairs for more)" if tok.get_vocab_size() < vocab_size else ''))
+                + on.get(text.ended_by, '') + (short if tok.get_vocab_size() < vocab_size else ''))
         else: say(f"Tokenizer: {tokenizer} ({tok.get_vocab_size():,} tokens)")
         vocab, eot = tok.get_vocab_size(), tok.token_to_id(EOT)
         dtype = token_dtype(vocab)
@@ -353,20 +477,25 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
         docs = {'train': 0, 'val': 0}
         encode = getattr(tok, 'encode_batch_fast', tok.encode_batch)
         def routed():
-            "Pieces with their destination: (text, 'train'|'val', ends_document)."
+            "Pieces with their destination: (text, 'train'|'val', ends_document); each file's bytes hashed again."
             i, pos = 0, 0
             cut = last_len - max(1, round(last_len * val_fraction))   # where the last document splits (too few documents)
-            for text, end in iter_pieces(files, piece_chars, lambda b: bar.update(len(b))):
-                if split_by_document: yield text, 'val' if is_val_document(i, val_fraction) else 'train', end
-                elif i < n_docs - 1: yield text, 'train', end
-                else:
-                    if pos < cut < pos + len(text):
-                        j = cut_point(text, cut - pos)
-                        if j > 0: yield text[:j], 'train', False
-                        text = text[j:]; pos += j
-                    yield text, 'train' if pos + len(text) <= cut else 'val', end
-                    pos += len(text)
-                if end: i += 1
+            for f, source in zip(files, sources):
+                h = hashlib.sha256()
+                for text, end in iter_pieces([f], piece_chars, lambda b: (h.update(b), bar.update(len(b)))):
+                    if split_by_document: yield text, 'val' if is_val_document(i, val_fraction) else 'train', end
+                    elif i < n_docs - 1: yield text, 'train', end
+                    else:
+                        if pos < cut < pos + len(text):
+                            j = cut_point(text, cut - pos)
+                            if j > 0: yield text[:j], 'train', False
+                            text = text[j:]; pos += j
+                        yield text, 'train' if pos + len(text) <= cut else 'val', end
+                        pos += len(text)
+                    if end: i += 1
+                _check_unchanged(f, before[f])
+                if h.hexdigest() != source['sha256']:
+                    raise _input_changed(f, 'its bytes differ from one reading to the next')
         def batches():
             batch, n = [], 0
             for item in routed():
@@ -385,13 +514,13 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
                 writers[dest].write(np.array(x, dtype=dtype))
                 if end: writers[dest].write(np.array([eot], dtype=dtype)); docs[dest] += 1
         t0 = time.perf_counter()
-        with _bar(total, 'encode', progress) as bar, ThreadPoolExecutor(1) as pool:
+        with _bar(total, 'encode', progress) as bar:
             pending = None
-            for batch in batches():
-                fut = pool.submit(encode, [t for t, _, _ in batch], add_special_tokens=False)
-                if pending is not None: write(pending[0], pending[1].result())
-                pending = (batch, fut)
-            if pending is not None: write(pending[0], pending[1].result())
+            for batch in batches():   # the next batch is encoded (in the background) while this one is written
+                job = _in_background(encode, [t for t, _, _ in batch], add_special_tokens=False)
+                if pending is not None: write(pending[0], _wait(pending[1]))
+                pending = (batch, job)
+            if pending is not None: write(pending[0], _wait(pending[1]))
         for w in writers.values(): w.close()
         seconds = time.perf_counter() - t0
         n_train, n_val = writers['train'].count, writers['val'].count
@@ -409,13 +538,18 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
                     split='by document' if split_by_document else 'the last document: its tail goes to validation (too few documents to split by document)',
                     input_bytes=total, bytes_per_token=round(total / (n_train + n_val), 4), sources=sources)
         (work/'meta.json').write_text(json.dumps(meta, indent=2) + '\n')
-        for n in PREPARED_FILES: os.replace(work/n, out/n)
-        work.rmdir()
+        for f in files: _check_unchanged(f, before[f])   # the files were what the scan saw, to the end
+        with _signals_held():   # all four files or none: a signal now waits until they are in place
+            for n in PREPARED_FILES: os.replace(work/n, out/n)
+            published = True
+            work.rmdir()
     except BaseException as e:
-        for w in writers.values():
-            try: w.f.close()
-            except OSError: pass   # a full disk fails the close's flush too
-        _cleanup(work, created)
+        if published: raise   # (a signal held while publishing): the prepared data stands
+        with _signals_held():   # a second Ctrl-C does not cut the cleanup short
+            for w in writers.values():
+                try: w.f.close()
+                except OSError: pass   # a full disk fails the close's flush too
+            _cleanup(work, created)
         if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or 'No space left on device' in str(e):
             why = getattr(e, 'strerror', None) or 'No space left on device'   # (the tokenizer's own save says it in its message)
             raise LMBasicsError(f"cannot write the prepared data in {out} ({why}); nothing was kept; free disk space or "
@@ -430,9 +564,27 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
     say(f"Train with: lm_basics_train --train_data_path {out/'train.npy'} --val_data_path {out/'val.npy'} --vocab_size {vocab}")
     return meta | stats
 
+# %% ../nbs/05_tokenize.ipynb #e323bbd7
+META_TYPES = dict(vocab_size=int, eot_id=int, train_tokens=int, val_tokens=int, dtype=str, tokenizer=str)
+
+def read_meta(path:str|Path, # a meta.json written by `prepare` (or for a built-in dataset)
+             ) -> dict:
+    "The metadata in `path`, checked: a JSON object whose known fields have their types."
+    p = Path(path)
+    def bad(why): return LMBasicsError(f"{p} is not a meta.json written by lm_basics_prepare ({why}); prepare it again")
+    try: meta = json.loads(p.read_bytes().decode('utf-8'))
+    except FileNotFoundError: raise LMBasicsError(f"{p} not found; prepare the data with lm_basics_prepare") from None
+    except OSError as e: raise LMBasicsError(f"cannot read {p} ({e.strerror}); check its permissions") from None
+    except UnicodeDecodeError: raise bad('not UTF-8') from None
+    except (ValueError, RecursionError) as e: raise bad(f'not JSON: {str(e)[:80] or type(e).__name__}') from None
+    if not isinstance(meta, dict): raise bad(f'a JSON {type(meta).__name__}, not an object')
+    for k, t in META_TYPES.items():
+        if k in meta and (type(meta[k]) is not t or (t is int and meta[k] < 0)): raise bad(f'{k} is {meta[k]!r}')
+    return meta
+
 # %% ../nbs/05_tokenize.ipynb #4932141e
 PREPARE_FLAGS = ('out', 'vocab_size', 'special_tokens', 'tokenizer', 'val_fraction', 'min_frequency', 'tokenizer_train_bytes',
-                 'force', 'verify', 'progress')
+                 'tokenizer_distinct_bytes', 'force', 'verify', 'progress')
 
 # %% ../nbs/05_tokenize.ipynb #3a0ba1d7
 @cli_errors
@@ -443,7 +595,8 @@ def main(argv:list[str]|None=None):
                               "tokenizer.json and meta.json for lm_basics_train. Documents inside a file are separated by <|endoftext|>.")
     args, given = p.add_flags(prepare, ['inputs'] + list(PREPARE_FLAGS), positional=('inputs',)).parse(argv)
     if args['tokenizer'] is not None:
-        if clash := [f for f in ('vocab_size', 'special_tokens', 'min_frequency', 'tokenizer_train_bytes') if f in given]:
+        if clash := [f for f in ('vocab_size', 'special_tokens', 'min_frequency', 'tokenizer_train_bytes',
+                                 'tokenizer_distinct_bytes') if f in given]:
             raise LMBasicsError(f"--{clash[0]} sets up training a new tokenizer; drop it when reusing --tokenizer")
     prepare(**args)
 

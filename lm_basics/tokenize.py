@@ -429,7 +429,8 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
     out = Path(out)
     _check_out_dir(out, force)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    before = {f: os.stat(f) for f in files}   # what each input is before it is read: checked after each reading
+    watched = files + ([Path(tokenizer)] if tokenizer is not None else [])
+    before = {f: os.stat(f) for f in watched}   # what each input is before it is read: checked after each reading
     for f in files:
         if before[f].st_size == 0: raise LMBasicsError(f"input {f} is empty; remove it from the inputs")
     writers, published = {}, False
@@ -538,7 +539,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
                     split='by document' if split_by_document else 'the last document: its tail goes to validation (too few documents to split by document)',
                     input_bytes=total, bytes_per_token=round(total / (n_train + n_val), 4), sources=sources)
         (work/'meta.json').write_text(json.dumps(meta, indent=2) + '\n')
-        for f in files: _check_unchanged(f, before[f])   # the files were what the scan saw, to the end
+        for f in watched: _check_unchanged(f, before[f])   # the files were what the scan saw, to the end
         with _signals_held():   # all four files or none: a signal now waits until they are in place
             for n in PREPARED_FILES: os.replace(work/n, out/n)
             published = True
@@ -550,10 +551,15 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
                 try: w.f.close()
                 except OSError: pass   # a full disk fails the close's flush too
             _cleanup(work, created)
+        if isinstance(e, (LMBasicsError, OSError)):
+            for f in watched: _check_unchanged(f, before[f])   # an input changed underneath explains any error best
         if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or 'No space left on device' in str(e):
             why = getattr(e, 'strerror', None) or 'No space left on device'   # (the tokenizer's own save says it in its message)
             raise LMBasicsError(f"cannot write the prepared data in {out} ({why}); nothing was kept; free disk space or "
                                 f"choose another --out (the token files take 2 bytes per token, 4 past 65,536 ids)") from None
+        if isinstance(e, OSError):   # (the temporary directory removed by someone else, say)
+            raise LMBasicsError(f"cannot write the prepared data in {out} ({e.strerror}: {e.filename}); nothing was "
+                                f"kept; make sure nothing else moves or removes {out} while lm_basics_prepare runs") from None
         raise
     finally: os.close(lock)   # the next prepare into `out` may start
     stats = dict(encode_seconds=round(seconds, 3), encode_mb_per_s=round(total / 1e6 / max(seconds, 1e-9), 3), peak_rss_mb=round(peak_rss_mb(), 1))

@@ -7,6 +7,7 @@
 | SIGINT during BPE training, SIGTERM during encoding: out within seconds (not at the end of the Rust call), nothing left | `test_signal_during_training_stops_at_once`, `test_signal_during_encoding_stops_at_once` |
 | text without repeated words (random letters) trains in bounded time and memory | `test_random_letters_train_in_bounded_memory` |
 | an input that grows while it is prepared is refused, nothing published | `test_growing_input_is_refused` |
+| an input deleted, or the temporary directory removed, while it runs: one clear error that says which | `test_removed_underneath` |
 | `/dev/zero`, a FIFO: named as what they are (not "not found"), and the fix; a FIFO does not hang | `test_inputs_that_are_not_regular_files` |
 | a stale `.prepare-PID` whose pid is now another live process is removed | `test_stale_work_dir_of_a_reused_pid_is_removed` |
 | `load_tokenizer`, `read_meta`, `read_text` on random bytes and truncations: a result or `LMBasicsError`, nothing else | `test_*_on_random_bytes`, `test_*_truncated` |
@@ -189,6 +190,29 @@ def test_growing_input_is_refused(tmp_path, lm):
     with open(src, 'a') as f: f.write(EOT + text[:100_000])
     r = p.finish()
     r.error(f'input {src} changed while lm_basics_prepare was reading it', 'its size went from', 'nothing was written')
+    assert not out.exists()
+
+@pytest.mark.parametrize('what', ['input', 'work dir', 'tokenizer'])
+def test_removed_underneath(what, tmp_path, lm):
+    """The input deleted, the temporary directory removed by someone else, or the --tokenizer replaced, while a prepare runs:
+    one clear error that says which (not "cannot read ...; check its permissions", not a FileNotFoundError traceback, not
+    token files that the tokenizer.json beside them did not make), nothing left."""
+    from lm_basics.data import shakespeare_plays
+    import shutil
+    src, out = tmp_path/'plays.txt', tmp_path/'data'
+    src.write_text(EOT.join(shakespeare_plays().values()))
+    tok = tmp_path/'tokenizer.json'
+    train_bpe([src.read_text()[:100_000]], vocab_size=500).save(str(tok))
+    how = ['--tokenizer', tok] if what == 'tokenizer' else ['--vocab_size', 2000]
+    p = lm.start(src, '--out', out, *how, '--no-progress', cwd=tmp_path, script='lm_basics_prepare')
+    p.wait_for(r'^Inputs: ')   # seconds of training or encoding are ahead
+    if what == 'input': src.unlink()
+    elif what == 'work dir': [shutil.rmtree(d) for d in out.glob('.prepare-*')]
+    else: train_bpe([src.read_text()[:50_000]], vocab_size=400).save(str(tok.with_name('other.json'))); os.replace(tok.with_name('other.json'), tok)
+    r = p.finish()
+    if what == 'input': r.error(f'input {src} changed while lm_basics_prepare was reading it', 'cannot be found any more')
+    elif what == 'work dir': r.error(f'cannot write the prepared data in {out}', 'No such file or directory', 'make sure nothing else')
+    else: r.error(f'input {tok} changed while lm_basics_prepare was reading it', 'replaced by another file')
     assert not out.exists()
 
 def test_inputs_that_are_not_regular_files(tmp_path, lm):

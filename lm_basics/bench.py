@@ -18,7 +18,7 @@ from .data import get_batch, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token, check_model_args
 from .optim import make_optimizer
 from .config import TrainConfig, load_config_file
-from .runtime import peak_flops, Peak, training_memory, available_memory
+from .runtime import peak_flops, matmul_probe, Peak, training_memory, available_memory
 from .train import TrainStep
 
 # %% auto #0
@@ -291,16 +291,23 @@ def _side_by_side(rows:list[dict]) -> tuple[str, dict]:
         side.append(dict(variant=_name(dict(compile=compile, dtype=dtype)), reference_tokens_per_sec=mean(m['reference'], 'tokens_per_sec'),
                          lm_basics_tokens_per_sec=mean(m['lm_basics'], 'tokens_per_sec'), ratio=q, per_round=per,
                          reference_mfu=mean(m['reference'], 'mfu'), lm_basics_mfu=mean(m['lm_basics'], 'mfu')))
-        if compile and 'reference' in by.get((False, dtype), {}):   # a long run's step (compiled) against the plain step (eager)
-            q, per = ratio(m['lm_basics'], by[(False, dtype)]['reference'])
-            cross.append(dict(ours=f"compiled {dtype}", reference=f"eager {dtype}", ratio=q, per_round=per))
+    for (compile, dtype), m in by.items():   # a long run's step (compiled, the machine's best precision) against the plain step
+        plain = by.get((False, 'float32'), {}).get('reference')
+        if 'lm_basics' in m and plain and (compile or dtype != 'float32'):
+            q, per = ratio(m['lm_basics'], plain)
+            cross.append(dict(ours=_name(dict(compile=compile, dtype=dtype)), reference="eager float32", ratio=q, per_round=per))
     text = ("| variant | reference tokens/sec | lm_basics tokens/sec | lm_basics / reference | each round | reference MFU | lm_basics MFU |\n"
             "|---|---:|---:|---:|---|---:|---:|\n" + ''.join(
             f"| {s['variant']} | {s['reference_tokens_per_sec']:,.0f} | {s['lm_basics_tokens_per_sec']:,.0f} | {s['ratio']:.2f}x | "
             f"{', '.join(f'{x:.2f}x' for x in s['per_round'])} | {s['reference_mfu'] * 100:.1f}% | {s['lm_basics_mfu'] * 100:.1f}% |\n" for s in side)
             + ''.join(f"\nlm_basics {c['ours']} / reference {c['reference']}: {c['ratio']:.2f}x (each round: {', '.join(f'{x:.2f}x' for x in c['per_round'])})\n"
                       for c in cross))
-    return text, dict(side_by_side=side, compiled_vs_reference_eager=cross)
+    return text, dict(side_by_side=side, against_reference_eager=cross)
+
+def _baseline_variants(dev:torch.device) -> str:
+    "With --baseline: eager and compiled float32, and bfloat16 too where this machine multiplies it faster (a GPU, or a CPU, probed)."
+    fast = dev.type == 'cuda' or matmul_probe(dtype=torch.bfloat16, budget=0.15) >= 1.2 * matmul_probe(budget=0.15)
+    return 'eager:float32,compiled:float32' + (',eager:bfloat16,compiled:bfloat16' if fast else '')
 
 def check_bench(cfg:dict, # the benchmark's settings (`BENCH_FLAGS`)
                 dev:torch.device, # where it runs
@@ -326,7 +333,7 @@ def main(argv:list[str]|None=None):
     p.add_flags(bench_train_step, list(BENCH_FLAGS))
     p.add_argument('--variants', default='eager:float32,compiled:float32,eager:bfloat16,compiled:bfloat16',
                    help='comma-separated MODE:DTYPE, MODE eager|compiled, DTYPE float32|bfloat16|float16 '
-                        '(default: all four CPU ones; with --baseline: eager:float32,compiled:float32)')
+                        '(default: all four CPU ones; with --baseline, the bfloat16 ones only where this machine is faster in it)')
     p.add_argument('--baseline', action='store_true', help="also time a plain reference step (ReferenceGPT, nanoGPT's step) of the same "
                    "shapes, alternately with lm_basics' own, and print the two side by side")
     p.add_argument('--rounds', type=int, default=2, help="with --baseline: how often each pair runs, alternating which goes first (default: 2)")
@@ -340,13 +347,14 @@ def main(argv:list[str]|None=None):
         cfg.update({k: train_cfg[k] for k in BENCH_FLAGS if k in train_cfg and k not in given})
     dev = resolve_device(cfg['device'])
     check_bench(cfg, dev)
-    variants = _variants(a['variants'] if 'variants' in given or not a['baseline'] else 'eager:float32,compiled:float32', dev)
+    variants = _variants(a['variants'] if 'variants' in given or not a['baseline'] else _baseline_variants(dev), dev)
     if a['rounds'] < 1: raise LMBasicsError(f"--rounds must be at least 1, got {a['rounds']}")
     # (round, model, mode, dtype): with --baseline, the reference and lm_basics next to each other, the first of a pair alternating by round
-    runs = ([(i, ref, mode, dtype) for i in range(a['rounds']) for mode, dtype in variants for ref in ((True, False) if i % 2 == 0 else (False, True))]
+    # the reference is the plain float32 step; lm_basics runs in every variant asked for
+    pair = lambda i, dtype: ((True, False) if i % 2 == 0 else (False, True)) if dtype == 'float32' else (False,)
+    runs = ([(i, ref, mode, dtype) for i in range(a['rounds']) for mode, dtype in variants for ref in pair(i, dtype)]
             if a['baseline'] else [(0, False, mode, dtype) for mode, dtype in variants])
-    peak, src = peak_flops(dev, 'float32')
-    print(f"device {dev} | {torch.get_num_threads()} threads | peak {peak / 1e9:,.1f} GFLOP/s ({src}) | torch {torch.__version__}", flush=True)
+    print(f"device {dev} | {torch.get_num_threads()} threads | torch {torch.__version__} | each run probes its own peak", flush=True)
     rows, profiles = [], []
     for i, ref, mode, dtype in runs:
         r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)   # its own peak: probe or datasheet
@@ -359,7 +367,10 @@ def main(argv:list[str]|None=None):
     s = bench_sampling(cfg['batch_size'], cfg['context_length'])
     side_text, side = _side_by_side(rows) if a['baseline'] else ('', {})
     command = 'lm_basics_bench ' + ' '.join(argv if argv is not None else sys.argv[1:])
-    text = (f"Command: `{command.strip()}`\n\nConfiguration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} threads, peak {peak / 1e9:,.1f} GFLOP/s ({src}), torch {torch.__version__}\n\n"
+    peaks = {d: max(r['peak_flops'] for r in rows if r['dtype'] == d) for d in dict.fromkeys(r['dtype'] for r in rows)}
+    peak, src = peaks.get('float32', 0.0), 'the best matmul probe of the runs'
+    text = (f"Command: `{command.strip()}`\n\nConfiguration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} threads, peak "
+            + ', '.join(f"{v / 1e9:,.1f} GFLOP/s in {d}" for d, v in peaks.items()) + f" ({src}), torch {torch.__version__}\n\n"
             + (f"lm_basics beside the reference step, {a['rounds']} alternating round(s):\n\n" + side_text + "\nEvery run:\n\n" if a['baseline'] else '')
             + _table(rows) + f"\nBatch sampling (get_batch from a 50M-token memmap): {s['batches_per_sec']:,.0f} batches/s, {s['tokens_per_sec']:,.0f} tokens/s\n"
             + ''.join(_profile_text(pr, r['peak_flops']) for r, pr in profiles))

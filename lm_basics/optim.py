@@ -53,13 +53,19 @@ def newton_schulz(G, # (m, n) matrix to orthogonalise
     return X.T if G.shape[0] > G.shape[1] else X
 
 # %% ../nbs/03_optim.ipynb #e54e539d
+def _cpu_flags() -> set[str]:
+    "The CPU's instruction-set flags (Linux: /proc/cpuinfo; empty elsewhere)."
+    try: return set(next(l for l in open('/proc/cpuinfo') if l.startswith('flags')).split(':', 1)[1].split())
+    except (OSError, StopIteration): return set()
+
 def newton_schulz_dtype(device:torch.device|str='cpu', # where the matrices are
                        ) -> torch.dtype:
     "The precision Muon's Newton–Schulz iteration runs in: bfloat16 where the hardware multiplies it natively, else float32."
     device = torch.device(device)
     if device.type != 'cpu': return torch.bfloat16
-    cap = torch.backends.cpu.get_cpu_capability()
-    return torch.bfloat16 if 'BF16' in cap or 'AMX' in cap else torch.float32
+    cap = torch.backends.cpu.get_cpu_capability()   # PyTorch names AVX-512 without saying whether it has BF16
+    native = 'BF16' in cap or 'AMX' in cap or {'avx512_bf16', 'amx_bf16'} & _cpu_flags()
+    return torch.bfloat16 if native else torch.float32
 
 # %% ../nbs/03_optim.ipynb #8cde0c8b
 import contextlib, torch.optim._muon as _torch_muon

@@ -74,6 +74,7 @@ class RunRecords:
     def __init__(self, run_dir:str|Path, # the run directory
                  keep_from:str|Path|None=None, # a metrics.jsonl whose first `keep_bytes` the file starts with (this run's, or its parent's)
                  keep_bytes:int|None=0, # how much of it to keep (None: all)
+                 drop:tuple|None=None, # a byte range `(start, end)` within those to leave out (a record an extension cuts)
                  elapsed:float=0.0, # seconds the run has already trained (a resumed run's clock carries on)
                  wandb_run=None, # a W&B run to log to, or None
                  plot:bool=True, # keep run_dir/loss.png up to date (`refresh_plot`)
@@ -84,18 +85,20 @@ class RunRecords:
         self.t0, self.last_plot = time.time() - elapsed, time.time()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._start(Path(keep_from) if keep_from else None, keep_bytes)
+            self._start(Path(keep_from) if keep_from else None, keep_bytes, drop)
             self.f = open(self.path, 'a', encoding='utf-8')
         except OSError as e: self._fail(e)
 
-    def _start(self, src:Path|None, n:int|None):
-        if src is not None and src.exists() and src.resolve() == self.path.resolve():   # this run's own file: cut back
+    def _start(self, src:Path|None, n:int|None, drop:tuple|None=None):
+        own = src is not None and src.exists() and src.resolve() == self.path.resolve()
+        if own and not drop:   # this run's own file: cut back
             if n is not None and self.path.stat().st_size > n:
                 with open(self.path, 'r+b') as f: f.truncate(n)
             return
         data = b''
         if src is not None and src.is_file():
             with open(src, 'rb') as f: data = f.read() if n is None else f.read(n)
+        if drop: data = data[:drop[0]] + data[drop[1]:]   # written in order (W&B needs it), left out of the continuation
         tmp = self.path.with_name(f'.metrics.jsonl.tmp-{os.getpid()}')
         tmp.write_bytes(data); os.replace(tmp, self.path)
 

@@ -11,9 +11,9 @@ import torch.distributed as dist
 from .core import LMBasicsError
 
 # %% auto #0
-__all__ = ['GPU_PEAK_TFLOPS', 'MEMORY_FIX', 'PEERS', 'resolve_dtype', 'autocast_context', 'resolve_compile', 'matmul_probe',
-           'peak_flops', 'Peak', 'training_memory', 'available_memory', 'is_out_of_memory', 'out_of_memory',
-           'setup_distributed', 'lost_peer', 'all_mean', 'from_master', 'control_group', 'any_rank']
+__all__ = ['GPU_PEAK_TFLOPS', 'MEMORY_FIX', 'PEERS', 'resolve_dtype', 'choose_dtype', 'autocast_context', 'resolve_compile',
+           'matmul_probe', 'peak_flops', 'Peak', 'training_memory', 'available_memory', 'is_out_of_memory',
+           'out_of_memory', 'setup_distributed', 'lost_peer', 'all_mean', 'from_master', 'control_group', 'any_rank']
 
 # %% ../nbs/09_runtime.ipynb #3e576d4c
 def resolve_dtype(dtype:str, # 'auto', 'float32', 'bfloat16' or 'float16'
@@ -22,6 +22,16 @@ def resolve_dtype(dtype:str, # 'auto', 'float32', 'bfloat16' or 'float16'
     "The compute dtype `auto` stands for: bfloat16 on a GPU that supports it, float32 elsewhere."
     if dtype != 'auto': return dtype
     return 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+
+def choose_dtype(seconds:dict, # seconds the same work takes per dtype: {'float32': s, 'bfloat16': s}
+                 what:str='a step', # what was timed, for the reason
+                 margin:float=1.2, # how much faster bfloat16 must be to be chosen
+                ) -> tuple[str, str]:
+    "The faster compute dtype on a CPU, and why: bfloat16 only where it is clearly faster, measured on this machine."
+    f, b = seconds['float32'], seconds['bfloat16']
+    ms = lambda s: f"{s * 1000:,.0f} ms" if s >= 0.0015 else f"{s * 1e6:,.0f} us"
+    pick = 'bfloat16' if f >= margin * b else 'float32'
+    return pick, f"the default here: {what} takes {ms(b)} in bfloat16, {ms(f)} in float32"
 
 def autocast_context(device:torch.device, # where the run computes
                      dtype:str, # the compute dtype

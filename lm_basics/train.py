@@ -20,7 +20,7 @@ from .checkpoint import RunDir, RunPlan, plan_run, check_overwrites, checkpoint_
 from .generate import find_tokenizer, generate_text
 from .records import RunRecords, start_wandb
 from .config import TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config, parse_config
-from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, setup_distributed, all_mean, from_master,
+from .runtime import (resolve_dtype, choose_dtype, matmul_probe, resolve_compile, autocast_context, Peak, setup_distributed, all_mean, from_master,
                                control_group, any_rank, training_memory, available_memory, is_out_of_memory, out_of_memory,
                                MEMORY_FIX, lost_peer)
 
@@ -28,7 +28,7 @@ from .runtime import (resolve_dtype, resolve_compile, autocast_context, Peak, se
 __all__ = ['NO_BUFFER_SYNC', 'CHANGED', 'MAX_WAIT', 'StepResult', 'TrainStep', 'set_learning_rates', 'data_paths', 'RunState',
            'Logger', 'evaluate', 'Evaluator', 'Checkpointer', 'Stopper', 'plan_and_check', 'check_meta',
            'run_tokenizer', 'data_fingerprint', 'check_same_data', 'bytes_per_token', 'load_data', 'build_model',
-           'time_micro_step', 'check_feasible', 'decide_compile', 'Trainer', 'train', 'main']
+           'time_micro_step', 'check_feasible', 'decide_compile', 'decide_dtype', 'Trainer', 'train', 'main']
 
 # %% ../nbs/10_train.ipynb #67be9066
 @dataclass
@@ -145,6 +145,7 @@ class RunState:
     final:dict|None=None # the final evaluation, once the run has ended
     wandb_id:str|None=None # the W&B run to continue
     compiled:bool|None=None # whether the run's steps are compiled (decided once, kept on resume)
+    dtype:str|None=None # the compute dtype `auto` chose (decided once, kept on resume)
     data:dict|None=None # fingerprints of the train and val token files (a resumed run must train on the same data)
 
     def evaluated(self, it:int, train_loss:float, val_loss:float):
@@ -197,8 +198,9 @@ class Logger:
         tps, mfu = self.tokens_per_iter / dt, self.peak.mfu(self.flops_per_iter / t.world / dt) if self.peak else math.nan
         values = {'train/loss': loss, 'train/learning_rate': lr, 'train/tokens_per_sec': tps, 'train/iter_time_ms': dt * 1000,
                   'train/grad_norm': grad_norm, 'train/mfu': mfu}
-        if it % t.cfg.log_interval: self.last_line = (it, values)   # off the interval: recorded at the end (`cut`)
-        else: self.record(it, values)
+        start = self.tell()
+        self.record(it, values)
+        if it % t.cfg.log_interval: self.last_line = (start, self.tell())   # off the interval: an extension leaves it out
         self.console.say(f"Iter {it:6d} | Loss: {loss:.4f} | LR: {lr:.2e} | Time: {dt * 1000:.1f}ms | Tokens/sec: {tps:.0f} | "
                          f"MFU: {mfu * 100:.1f}% | Grad norm: {grad_norm:.3f}")
 
@@ -222,11 +224,9 @@ class Logger:
         "Write `values` of iteration `it` to the records (rank 0, once the directory is claimed)."
         if self.records: self.records.log(it, values)
 
-    def cut(self) -> int|None:
-        "The end of the regular records (where an extended run cuts back to); then the last step's line kept back."
-        at = self.tell()
-        if self.last_line: self.record(*self.last_line); self.last_line = None
-        return at
+    def cut(self) -> tuple:
+        "Where an extended run cuts the records back to, and the byte range of the last step's line it leaves out (or None)."
+        return self.tell(), self.last_line
 
     def tell(self) -> int|None: return self.records.tell() if self.records else None
     def elapsed(self) -> float: return self.records.elapsed() if self.records else 0.0
@@ -316,7 +316,7 @@ class Checkpointer:
         if tokenizer is not None and not (d.path/'tokenizer.json').exists(): shutil.copyfile(tokenizer, d.path/'tokenizer.json')
         ts = (plan.checkpoint or {}).get('train_state') or {}
         return RunRecords(d.path, keep_from=plan.metrics_from, keep_bytes=ts.get('metrics_bytes', 0 if plan.checkpoint is None else None),
-                          elapsed=ts.get('elapsed', 0.0), wandb_run=run, plot=cfg.plot, warn=t.console.say)
+                          drop=ts.get('metrics_drop'), elapsed=ts.get('elapsed', 0.0), wandb_run=run, plot=cfg.plot, warn=t.console.say)
 
     def maybe(self, t):
         "Save if the run is at a checkpoint iteration (but not the one it started at)."
@@ -329,13 +329,14 @@ class Checkpointer:
                              f"steps are checked at log intervals and before saving); nothing after it was saved; last good "
                              f"checkpoint: {self.dir.latest() or 'none'}; lower --lr, raise --warmup_iters or check the data, then resume")
 
-    def save(self, t, metrics_bytes:int|None=None, # where an extension cuts the records back to (default: their end)
+    def save(self, t, cut:tuple|None=None, # where an extension cuts the records back to, and a line it leaves out (`Logger.cut`)
             ) -> Path:
         "Save the run's checkpoint at its iteration (every rank calls it; rank 0 writes, prunes and says so)."
         if t.step.poisoned(): raise self.poisoned(t)
         it = t.state.iteration
         extra = dict(rng=rng_state(torch.Generator().set_state(t.batches.generator_state())), command=sys.argv,
-                     metrics_bytes=metrics_bytes if metrics_bytes is not None else t.logger.tell(), elapsed=t.logger.elapsed())
+                     metrics_bytes=cut[0] if cut else t.logger.tell(), metrics_drop=cut[1] if cut else None,
+                     elapsed=t.logger.elapsed())
         self.saving = checkpoint_path(self.dir.path, it)   # what a second Ctrl-C would cut short
         path = self.dir.save(it, t.model, t.optimizer, asdict(t.cfg), {**t.state.state_dict(), **extra},
                              t.cfg.keep_last, t.cfg.keep_every)
@@ -556,6 +557,19 @@ def decide_compile(cfg:TrainConfig, state:RunState, step_secs:float|None, asked:
     state.compiled, why = from_master(resolve_compile(cfg.compile, step_secs or 0.0, cfg.max_iters - state.iteration, cfg.num_layers))
     return state.compiled, why
 
+def decide_dtype(cfg:TrainConfig, state:RunState, model, device:torch.device) -> tuple[str, str, float|None]:
+    "The compute dtype and why: as given, as the run decided before, the GPU's, or on a CPU the faster one, measured."
+    if cfg.dtype != 'auto': return cfg.dtype, f"--dtype {cfg.dtype} given", None
+    if state.dtype is not None: return state.dtype, "as this run decided when it started", None
+    if device.type != 'cpu': return resolve_dtype('auto', device), f"the default on {device.type}", None
+    probe = {d: matmul_probe(dtype=getattr(torch, d), budget=0.15) for d in ('float32', 'bfloat16')}   # a fraction of a second
+    if probe['bfloat16'] < 1.2 * probe['float32']:
+        return from_master(('float32', f"the default here: a bfloat16 matmul is no faster on this CPU "
+                                       f"({probe['bfloat16'] / 1e9:,.0f} vs {probe['float32'] / 1e9:,.0f} GFLOP/s)", None))
+    secs = {d: time_micro_step(cfg, model, device, d) for d in ('float32', 'bfloat16')}   # the real model, one step each
+    pick, why = choose_dtype(secs, 'a micro-step')
+    return from_master((pick, why, secs[pick]))
+
 # %% ../nbs/10_train.ipynb #92a7e88e
 class Trainer:
     "One training run: its settings, state, data, model, optimizer and step as attributes, and the parts that act on them."
@@ -608,8 +622,7 @@ class Trainer:
     def _load(self):
         "The run's precision, seeds and data, checked (still nothing written); the batches and the evaluator over them."
         cfg = self.cfg
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if self.dtype == 'float16' and self.device.type != 'cuda':
+        if cfg.dtype == 'float16' and self.device.type != 'cuda':
             raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {self.device.type}); use --dtype bfloat16 or float32")
         random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
         if self.rank == 0: print_config(cfg, file=self.console)
@@ -634,8 +647,10 @@ class Trainer:
             if 'rng' in (ts := plan.checkpoint.get('train_state') or {}): set_rng_state(ts['rng'], self.batches.generator)
             self.console.say(f"Resumed from {plan.checkpoint_path} at iteration {self.start}"
                              + (f" (a new run in {plan.dir.path}, branched from run {plan.parent['run_id']})" if plan.parent else ''))
+        self.dtype, self.dtype_why, micro = decide_dtype(cfg, self.state, self.model, self.device)
+        self.state.dtype = self.dtype if cfg.dtype == 'auto' else self.state.dtype
         timed = cfg.compile is None or max(accum, cfg.eval_iters) >= 256   # measured when it decides, or when it could be absurd
-        micro = time_micro_step(cfg, self.model, self.device, self.dtype) if timed else None
+        if timed and micro is None: micro = time_micro_step(cfg, self.model, self.device, self.dtype)
         if micro is not None: check_feasible(cfg, accum, micro)
         self.compiled, self.compile_why = decide_compile(cfg, self.state, None if micro is None else micro * accum, compile_asked)
         self.step = TrainStep(self.model, self.optimizer, accum, cfg.grad_clip, self.dtype, cfg.loss_chunk, self.compiled)
@@ -659,7 +674,7 @@ class Trainer:
             except LMBasicsError as e: refused = str(e)
         if (refused := from_master(refused)) is not None: raise LMBasicsError(refused)
         peak, procs = self.logger.peak, f" x {self.world} processes" if self.world > 1 else ""
-        self.console.say(f"\nStarting training from iteration {self.start}...\nDevice: {self.device}{procs}\nCompute dtype: {self.dtype}"
+        self.console.say(f"\nStarting training from iteration {self.start}...\nDevice: {self.device}{procs}\nCompute dtype: {self.dtype} ({self.dtype_why})"
                          f"\nCompiled: {'yes' if self.compiled else 'no'} ({self.compile_why})\nMax iterations: {self.cfg.max_iters}"
                          f"\nTokens per iteration: {self.tokens_per_iter:,}"
                          + (f"\nPeak: {peak.value / 1e9:,.1f} GFLOP/s per process ({peak.source})" if peak else '') + '\n' + '-' * 80)
@@ -667,11 +682,11 @@ class Trainer:
 
     def _end(self) -> Path:
         "A stopped run saves where it is; a finished one records its final evaluation and saves it. Returns the checkpoint."
-        before_final = self.logger.cut()   # an extended run cuts its records back to here
+        cut = self.logger.cut()   # an extended run cuts its records back to here (less the last step's line)
         if self.stopper.signal: return self.checkpointer.save(self)
         self.console.say('-' * 80 + "\nFinal evaluation...")
         self.state.final = self.logger.eval(self.state.iteration, 'final', self.state.last_losses, self.evaluator.bytes_per_token)
-        path = self.checkpointer.save(self, metrics_bytes=before_final)
+        path = self.checkpointer.save(self, cut)
         self.logger.refresh_plot(force=True)
         return path
 

@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent/'lm_basics_train'
 if not CLI.exists(): CLI = Path(shutil.which('lm_basics_train') or CLI)
 
-# The settings every test run is scaled down to (the documents train 10^4-10^5 steps of 20M-400M parameter models).
+# The settings every test run is scaled down to (the documents train 10^4-10^5 steps of 20M-400M parameter models);
+# float32, so that runs compared with each other never differ by a precision `--dtype auto` measured on a busy machine.
 TINY = dict(context_length=32, d_model=32, num_heads=2, d_ff=64, num_layers=1, batch_size=4, max_iters=20,
-            warmup_iters=2, log_interval=5, eval_interval=10, eval_iters=2, checkpoint_interval=10, device='cpu')
+            warmup_iters=2, log_interval=5, eval_interval=10, eval_iters=2, checkpoint_interval=10, device='cpu', dtype='float32')
 RUN_TIMEOUT = 300  # seconds; a tiny run takes a few, but the machine is shared
 
 def tiny_flags(kebab:bool=False, **over) -> list[str]:

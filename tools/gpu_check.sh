@@ -204,7 +204,7 @@ except Exception as e: problems.append(f"summary of the training runs failed: {t
 if (work/'bench.json').exists():
     b = json.loads((work/'bench.json').read_text())
     res['bench'] = dict(command=b.get('command'), rows=[{k: r.get(k) for k in ('model', 'compile', 'dtype', 'tokens_per_sec', 'mfu', 'peak_flops', 'peak_mem_mb')} for r in b['rows']],
-                        side_by_side=b.get('side_by_side'), compiled_vs_reference_eager=b.get('compiled_vs_reference_eager'))
+                        side_by_side=b.get('side_by_side'), against_reference_eager=b.get('against_reference_eager'))
 res['ok'], res['problems'] = not problems, problems
 (out/'gpu_check.json').write_text(json.dumps(res, indent=2))
 

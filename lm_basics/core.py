@@ -80,15 +80,21 @@ def cli_errors(main):
         try: return main(*args, **kwargs)
         except LMBasicsError as e:
             rank = os.environ.get('RANK', '0') if 'WORLD_SIZE' in os.environ else '0'
-            print(f"error: {e}" if rank == '0' else f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+            _tell(f"error: {e}" if rank == '0' else f"error (rank {rank}): {e}")
             sys.exit(2)
         except BrokenPipeError:   # the reader went away (`| head`) in a tool that prints with plain `print`
             _silence(sys.stdout); sys.exit(128 + signal.SIGPIPE)
         except KeyboardInterrupt as e:
             signum, message = getattr(e, 'signum', signal.SIGINT), getattr(e, 'message', None)
-            print(f"\n{message or f'Interrupted by {signal.Signals(signum).name}: stopped; nothing half-written was kept'}", file=sys.stderr, flush=True)
+            _tell(f"\n{message or f'Interrupted by {signal.Signals(signum).name}: stopped; nothing half-written was kept'}")
             sys.exit(128 + signum)
     return _inner
+
+def _tell(line:str):
+    "Write a line to stderr if there is one (never to stdout, which `print(file=None)` would do with stderr closed)."
+    if sys.stderr is None: return
+    try: print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError): pass
 
 # %% ../nbs/00_core.ipynb #c045f2d4
 class Console:
@@ -97,6 +103,7 @@ class Console:
                  quiet:bool=False, # print nothing (ranks other than 0)
                 ):
         self.f, self.quiet, self.lost = f or sys.stdout, quiet, None   # `lost`: the OSError that ended the printing
+        if self.f is None: self.lost = OSError(errno.EBADF, 'standard output is closed')   # started with `>&-`
     def say(self, *args, end:str='\n'):
         "Print a line (and flush)."
         if not self.quiet: print(*args, file=self, end=end, flush=True)
@@ -232,7 +239,7 @@ class CLIParser(argparse.ArgumentParser):
         kwargs.setdefault('allow_abbrev', False)   # `--lr` must never silently mean `--lr_schedule`
         kwargs.setdefault('argument_default', argparse.SUPPRESS)   # a flag not given is absent: `parse` knows what was given
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$')
+        self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|infinity|nan)$', re.I)
         self.defaults = {}
     def error(self, message):
         if message.startswith('unrecognized arguments:') and (near := self._closest(message)): message += f" (did you mean {near}?)"

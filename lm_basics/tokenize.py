@@ -244,8 +244,9 @@ PREPARED_FILES = ('train.npy', 'val.npy', 'tokenizer.json', 'meta.json')
 
 def _bar(total, desc, progress):
     from tqdm import tqdm
+    shown = progress and sys.stderr is not None   # (None when started with stderr closed: `2>&-`)
     return tqdm(total=total, desc=desc, unit='B', unit_scale=True, unit_divisor=1024, leave=False,
-                disable=None if progress else True, file=sys.stderr)
+                disable=None if shown else True, file=sys.stderr)
 
 # %% ../nbs/05_tokenize.ipynb #8c928a5e
 def _check_out_dir(out:Path, force:bool):

@@ -2,7 +2,7 @@
 
 | guarantee | test |
 |---|---|
-| a closed reader (`| head -1`, a pipe closed at once) costs no work: the data is published, exit 0 | `test_closed_stdout_keeps_the_work`, `test_head_keeps_the_work` |
+| a closed reader (`| head -1`, a pipe closed at once, `>&- 2>&-`) costs no work: the data is published, exit 0 | `test_closed_stdout_keeps_the_work`, `test_head_keeps_the_work`, `test_closed_stdout_and_stderr` |
 | every numeric flag, at absurd values, works or is one `error:` line (exit 2) with nothing created | `test_numeric_flags_work_or_refuse_clearly` |
 | SIGINT during BPE training, SIGTERM during encoding: out within seconds (not at the end of the Rust call), nothing left | `test_signal_during_training_stops_at_once`, `test_signal_during_encoding_stops_at_once` |
 | text without repeated words (random letters) trains in bounded time and memory | `test_random_letters_train_in_bounded_memory` |
@@ -63,6 +63,14 @@ def test_head_keeps_the_work(text_file, tmp_path, lm):
     p = subprocess.run(['bash', '-c', f'{cmd} | head -1; exit ${{PIPESTATUS[0]}}'], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.startswith('Inputs: 1 file(s)') and len(p.stdout.splitlines()) == 1 and p.stderr == '', p
     assert json.loads((tmp_path/'data'/'meta.json').read_text())['vocab_size'] == 300
+
+
+def test_closed_stdout_and_stderr(text_file, tmp_path, lm):
+    "Started with stdout and stderr closed (`>&- 2>&-`, as some daemons start jobs): the data is prepared all the same, exit 0."
+    cmd = ' '.join(map(str, [*lm.command('lm_basics_prepare'), text_file, '--out', tmp_path/'data', '--vocab_size', 300]))
+    p = subprocess.run(['bash', '-c', f'{cmd} >&- 2>&-'], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p
+    assert sorted(f.name for f in (tmp_path/'data').iterdir()) == PREPARED
 
 
 # ---------------------------------------------------------------------------------------------------- absurd numbers

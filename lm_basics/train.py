@@ -15,7 +15,7 @@ from .core import LMBasicsError, cli_errors, resolve_device, Console, SIGNALS, S
 from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged, changed_elsewhere
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, learning_rate, clip_grad_norm
-from .tokenize import load_tokenizer
+from .tokenize import load_tokenizer, read_meta
 from .checkpoint import RunDir, RunPlan, plan_run, check_overwrites, checkpoint_path, load_checkpoint, rng_state, set_rng_state
 from .generate import find_tokenizer, generate_text
 from .records import RunRecords, start_wandb
@@ -428,8 +428,7 @@ def check_meta(path:str, vocab_size:int):
     "Refuse a vocab_size smaller than the vocabulary a `meta.json` beside the data names."
     meta = Path(path).parent/'meta.json'
     if not meta.is_file(): return
-    try: v = json.loads(meta.read_text()).get('vocab_size')
-    except (ValueError, OSError, AttributeError): return
+    v = read_meta(meta).get('vocab_size')   # a damaged meta.json is one clear error, not a guess
     if isinstance(v, int) and vocab_size < v:
         raise LMBasicsError(f"vocab_size {vocab_size} is smaller than the vocabulary of the data ({v}, from {meta}); pass --vocab_size {v}")
 
@@ -473,8 +472,7 @@ def bytes_per_token(data:np.ndarray, # the validation token array
     "Mean bytes of text per token of `data`, or None if unknown."
     if tokenizer is None:
         meta = Path(path).parent/'meta.json' if path is not None else None
-        try: return 1.0 if meta is not None and json.loads(meta.read_text()).get('tokenizer') == 'bytes' else None
-        except (OSError, ValueError, AttributeError): return None
+        return 1.0 if meta is not None and meta.is_file() and read_meta(meta).get('tokenizer') == 'bytes' else None
     tok = load_tokenizer(tokenizer)
     special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
     vocab = tok.get_vocab()

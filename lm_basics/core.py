@@ -9,8 +9,8 @@ from pathlib import Path
 from fastcore.docments import docments
 
 # %% auto #0
-__all__ = ['SIGNALS', 'LMBasicsError', 'Interrupted', 'StopRequested', 'Signals', 'cli_errors', 'Console', 'resolve_device',
-           'cache_dir', 'convert', 'docs_of', 'CLIParser']
+__all__ = ['SIGNALS', 'LMBasicsError', 'Interrupted', 'StopRequested', 'Signals', 'cli_errors', 'Console', 'atomic_write',
+           'resolve_device', 'cache_dir', 'convert', 'docs_of', 'CLIParser']
 
 # %% ../nbs/00_core.ipynb #3e576d4c
 class LMBasicsError(Exception):
@@ -125,6 +125,45 @@ def _silence(f):
     "Point `f`'s descriptor at /dev/null, so that Python's own flush at exit stays quiet too."
     try: os.dup2(os.open(os.devnull, os.O_WRONLY), f.fileno())
     except (OSError, ValueError, AttributeError): pass
+
+# %% ../nbs/00_core.ipynb #b7ea07f6
+def _fsync_dir(d:Path):
+    "Make a rename in directory `d` durable (where the filesystem allows it)."
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try: os.fsync(fd)
+        finally: os.close(fd)
+    except OSError: pass
+
+def _interrupt_in(e:BaseException) -> KeyboardInterrupt|None:
+    "The `KeyboardInterrupt` that caused `e`, if one did (PyTorch's writer wraps it in a RuntimeError)."
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt): return e
+        e = e.__cause__ or e.__context__
+    return None
+
+def atomic_write(path:str|Path, # the file to write (replaced whole, or left as it was)
+                 write, # bytes or str (UTF-8) to write, or a function that writes into the open binary temporary file
+                 error=None, # turns the `OSError` that stopped the write into the `LMBasicsError` to raise (default: raise it)
+                 mkdir:bool=False, # create the file's directory if it is missing
+                ) -> Path:
+    "Write `path` whole or not at all: a temporary file beside it, flushed and fsynced, then renamed onto it."
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')   # beside the target: a rename within one filesystem is atomic
+    try:
+        if mkdir: path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            if callable(write): write(f)
+            else: f.write(write.encode('utf-8') if isinstance(write, str) else write)
+            f.flush(); os.fsync(f.fileno())   # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError): tmp.unlink()
+        if (ki := _interrupt_in(e)) is not None and ki is not e: raise ki from None   # a Ctrl-C a library wrapped
+        if isinstance(e, OSError) and error is not None: raise error(e) from None
+        raise
+    return path
 
 # %% ../nbs/00_core.ipynb #a7ab13e7
 def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'

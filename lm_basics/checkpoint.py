@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 from fastcore.basics import patch_to
-from .core import LMBasicsError
+from .core import LMBasicsError, atomic_write
 
 # %% auto #0
 __all__ = ['FORMAT_VERSION', 'CHECKPOINT_RE', 'RUN_FILE', 'LOCK_FILE', 'checkpoint_path', 'unwrap_model', 'full_state_dicts',
@@ -50,19 +50,10 @@ def full_state_dicts(model:nn.Module, optimizer=None) -> tuple[dict, dict|None]:
     return model_sd, optim_sd
 
 # %% ../nbs/04_checkpoint.ipynb #e54e539d
-def _fsync_dir(d:Path):
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
-
-def _interrupt_in(e:BaseException) -> KeyboardInterrupt|None:
-    "The `KeyboardInterrupt` that caused `e`, if one did (PyTorch's writer wraps it in a RuntimeError)."
-    while e is not None:
-        if isinstance(e, KeyboardInterrupt): return e
-        e = e.__cause__ or e.__context__
-    return None
+def _cannot_save(out:Path, e:Exception) -> LMBasicsError:
+    why = getattr(e, 'strerror', None) or str(e).splitlines()[0]
+    return LMBasicsError(f"cannot save checkpoint {out} ({why}); free disk space or choose a writable --checkpoint_dir "
+                         f"(existing checkpoints are untouched)")
 
 def save_checkpoint(out:str|Path|io.IOBase, # destination path or writable binary file object
                     model:nn.Module, # the model (plain, compiled or DDP-wrapped)
@@ -71,7 +62,7 @@ def save_checkpoint(out:str|Path|io.IOBase, # destination path or writable binar
                     config:dict|None=None, # the run's configuration, as plain types
                     train_state:dict|None=None, # RNG states and loop state for an exact resume
                    ):
-    "Save a checkpoint to `out`; a path is written atomically (temporary file, fsync, rename). Under torch.distributed every rank calls it and rank 0 writes."
+    "Save a checkpoint to `out`; a path is written atomically (`atomic_write`). Under torch.distributed every rank calls it and rank 0 writes."
     model_sd, optim_sd = full_state_dicts(model, optimizer)
     if dist.is_initialized() and dist.get_rank() != 0: return out
     ckpt = dict(model_state_dict=model_sd, optimizer_state_dict=optim_sd,
@@ -80,23 +71,8 @@ def save_checkpoint(out:str|Path|io.IOBase, # destination path or writable binar
     if not isinstance(out, (str, Path)):
         torch.save(ckpt, out); return out
     out = Path(out)
-    tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}')
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, 'wb') as f:
-            torch.save(ckpt, f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException as e:
-        try: tmp.unlink()
-        except OSError: pass
-        if (ki := _interrupt_in(e)) is not None: raise ki from None
-        if not isinstance(e, (OSError, RuntimeError)): raise
-        why = getattr(e, 'strerror', None) or str(e).splitlines()[0]
-        raise LMBasicsError(f"cannot save checkpoint {out} ({why}); free disk space or choose a writable --checkpoint_dir "
-                            f"(existing checkpoints are untouched)") from None
-    return out
+    try: return atomic_write(out, lambda f: torch.save(ckpt, f), lambda e: _cannot_save(out, e), mkdir=True)
+    except RuntimeError as e: raise _cannot_save(out, e) from None   # PyTorch's writer says "file write failed" (a full disk)
 
 # %% ../nbs/04_checkpoint.ipynb #8cde0c8b
 def _strip_prefixes(sd:dict) -> dict:
@@ -315,10 +291,8 @@ def start(self:RunDir, run_id:str, # the identity of the run that now owns the d
     clean_temporary_files(self.path)
 
 def _write_json(path:Path, obj):
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try: tmp.write_text(json.dumps(obj, indent=2) + '\n'); os.replace(tmp, path)
-    except OSError as e:
-        raise LMBasicsError(f"cannot write {path} ({e.strerror}); free disk space or choose a writable --checkpoint_dir") from None
+    atomic_write(path, json.dumps(obj, indent=2) + '\n', lambda e: LMBasicsError(
+        f"cannot write {path} ({e.strerror}); free disk space or choose a writable --checkpoint_dir"))
 
 @patch_to(RunDir)
 def save(self:RunDir, iteration:int, model:nn.Module, optimizer, config:dict, train_state:dict,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_recipes.ipynb #a6316642
 from __future__ import annotations
-import json, math, os, shutil, subprocess, sys, time
+import json, math, os, shutil, subprocess, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -17,7 +17,7 @@ from .train import TrainStep
 
 # %% auto #0
 __all__ = ['BASE', 'RECIPES', 'recipe_model', 'step_seconds', 'train_recipe', 'moby_dick', 'compare_recipes', 'recipe_table',
-           'plot_recipes']
+           'plot_recipes', 'prepare_later_text', 'study_table']
 
 # %% ../nbs/14_recipes.ipynb #3e576d4c
 BASE = dict(context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344, batch_size=16, lr=3e-3, min_lr=3e-4,
@@ -170,3 +170,43 @@ def plot_recipes(rows:list[dict], out:str|Path|None=None):
         ax.grid(alpha=0.3); ax.legend(fontsize=8)
     if out: fig.savefig(out, dpi=100)
     return fig
+
+# %% ../nbs/14_recipes.ipynb #61a7fd4a
+def prepare_later_text(text:str, # the corpus in reading order
+                       out:str|Path, # the directory lm_basics_prepare writes (train.npy, val.npy, tokenizer.json, meta.json)
+                       vocab_size:int=10000, # the byte-level BPE's vocabulary
+                       val_fraction:float=0.05, # the last fraction of the text, held out for validation
+                      ) -> Path:
+    "Prepare `text` with lm_basics_prepare so that validation is its last `val_fraction` (later text); once, then reused."
+    out = Path(out)
+    if (out/'meta.json').exists(): return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as d:
+        f = Path(d)/'corpus.txt'
+        f.write_text(text.replace('<|endoftext|>', ''), encoding='utf-8')   # one document: prepare cuts off its tail
+        p = subprocess.run([str(Path(sys.executable).parent/'lm_basics_prepare'), str(f), '--out', str(out), '--vocab_size',
+                            str(vocab_size), '--val_fraction', str(val_fraction), '--no-progress'], capture_output=True, text=True)
+        if p.returncode: raise LMBasicsError(f"lm_basics_prepare failed on the corpus for {out}: {p.stderr.strip()[-500:]}")
+    return out
+
+# %% ../nbs/14_recipes.ipynb #27a7239d
+def study_table(rows:list[dict], # one per run: corpus, variant, seed, train_loss, val_loss
+                baseline:str='adamw + cosine', # the variant the others are compared with
+               ) -> str:
+    "Markdown tables of an equal-token study, one per corpus: train and val loss, their gap, val against the baseline's, weight size."
+    out = []
+    for c in dict.fromkeys(r['corpus'] for r in rows):
+        base = {r['seed']: r['val_loss'] for r in rows if (r['corpus'], r['variant']) == (c, baseline)}
+        out += [f"**{c}**", '', "| variant | seeds | train loss | val loss (later text) | gap (val − train) | val − baseline's | matrix RMS |",
+                "|---|---:|---|---|---|---|---|"]
+        for v in dict.fromkeys(r['variant'] for r in rows if r['corpus'] == c):
+            rs = sorted((r for r in rows if (r['corpus'], r['variant']) == (c, v)), key=lambda r: r['seed'])
+            vs = [r['val_loss'] - base[r['seed']] for r in rs if r['seed'] in base]   # paired: the same seed, the same batches
+            vs_base = '(the baseline)' if v == baseline else (f"{np.mean(vs):+.3f} ± {np.std(vs):.3f}" if vs else '-')
+            rms = [r['matrix_rms'] for r in rs if r.get('matrix_rms')]   # the blocks' matrices at the end
+            out.append(f"| {v} | {len(rs)} | {_ms3([r['train_loss'] for r in rs])} | {_ms3([r['val_loss'] for r in rs])} | "
+                       f"{_ms3([r['val_loss'] - r['train_loss'] for r in rs])} | {vs_base} | {f'{np.mean(rms):.4f}' if rms else '-'} |")
+        out.append('')
+    return '\n'.join(out).rstrip()
+
+def _ms3(v): return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"

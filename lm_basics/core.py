@@ -127,13 +127,14 @@ def _silence(f):
     except (OSError, ValueError, AttributeError): pass
 
 # %% ../nbs/00_core.ipynb #b7ea07f6
-def _fsync_dir(d:Path):
-    "Make a rename in directory `d` durable (where the filesystem allows it)."
+def _fsync(p:Path, strict:bool=True):
+    "Flush what the name `p` holds (a file, or a directory's entries) to disk; not `strict`: where the filesystem can."
     try:
-        fd = os.open(d, os.O_RDONLY)
+        fd = os.open(p, os.O_RDONLY)
         try: os.fsync(fd)
         finally: os.close(fd)
-    except OSError: pass
+    except OSError:
+        if strict: raise
 
 def _interrupt_in(e:BaseException) -> KeyboardInterrupt|None:
     "The `KeyboardInterrupt` that caused `e`, if one did (PyTorch's writer wraps it in a RuntimeError)."
@@ -143,21 +144,21 @@ def _interrupt_in(e:BaseException) -> KeyboardInterrupt|None:
     return None
 
 def atomic_write(path:str|Path, # the file to write (replaced whole, or left as it was)
-                 write, # bytes or str (UTF-8) to write, or a function that writes into the open binary temporary file
-                 error=None, # turns the `OSError` that stopped the write into the `LMBasicsError` to raise (default: raise it)
+                 write, # bytes, str (UTF-8), or a function writing into the open binary temporary `f` (or to `f.name`)
+                 error=None, # turns the `OSError` that stopped the write into the `LMBasicsError` to raise (or None)
                  mkdir:bool=False, # create the file's directory if it is missing
                 ) -> Path:
     "Write `path` whole or not at all: a temporary file beside it, flushed and fsynced, then renamed onto it."
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')   # beside the target: a rename within one filesystem is atomic
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')   # beside it: one filesystem, so the rename is atomic
     try:
         if mkdir: path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, 'wb') as f:
             if callable(write): write(f)
             else: f.write(write.encode('utf-8') if isinstance(write, str) else write)
-            f.flush(); os.fsync(f.fileno())   # the bytes are on disk before the name points at them
+        _fsync(tmp)   # on disk before the name points at it (by name: a writer given `f.name` may replace it)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent, strict=False)   # the rename itself, where the filesystem can
     except BaseException as e:
         with contextlib.suppress(OSError): tmp.unlink()
         if (ki := _interrupt_in(e)) is not None and ki is not e: raise ki from None   # a Ctrl-C a library wrapped

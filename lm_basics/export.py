@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 import lm_basics
-from .core import LMBasicsError, cli_errors, CLIParser, Console
+from .core import LMBasicsError, cli_errors, CLIParser, Console, atomic_write
 from .model import TransformerLM, MODEL_ARGS, count_parameters
 from .checkpoint import read_checkpoint, RunDir
 from .tokenize import EOT, load_tokenizer
@@ -144,11 +144,13 @@ def tokenizer_files(codec, # the checkpoint's codec: `HFCodec` or `ByteCodec` (`
 
 # %% ../nbs/12_export.ipynb #4c492517
 def _save_file(st, tensors:dict, path:Path):
-    "safetensors' `save_file`, whose failure to write (a full disk) is an `OSError`, like any other write's."
-    try: st.save_file(tensors, str(path), metadata={'format': 'pt'})
-    except Exception as e:   # SafetensorError('... I/O error: No space left on device (os error 28)')
-        if (m := re.search(r'os error (\d+)', str(e))) is None: raise
-        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+    "safetensors' `save_file` through `atomic_write`; its failure to write (a full disk) is an `OSError`, like any other's."
+    def write(f):   # safetensors takes a name, not a file: it writes the temporary's name (its own .tmpXYZ, renamed there)
+        try: st.save_file(tensors, f.name, metadata={'format': 'pt'})
+        except Exception as e:   # SafetensorError('... I/O error: No space left on device (os error 28)')
+            if (m := re.search(r'os error (\d+)', str(e))) is None: raise
+            raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+    atomic_write(path, write)
 
 def save_safetensors(tensors:dict, # name -> tensor, in the order to write them
                      out:str|Path, # directory to write into
@@ -168,7 +170,7 @@ def save_safetensors(tensors:dict, # name -> tensor, in the order to write them
     if len(shards) > 1:
         index = dict(metadata={'total_size': sum(t.numel() * t.element_size() for t in tensors.values())},
                      weight_map={k: name for name, shard in zip(names, shards) for k in shard})
-        (out/'model.safetensors.index.json').write_text(json.dumps(index, indent=2))
+        atomic_write(out/'model.safetensors.index.json', json.dumps(index, indent=2))
     return names
 
 # %% ../nbs/12_export.ipynb #c94be438
@@ -317,7 +319,8 @@ TMP_DIR = re.compile(r'\.(.+)\.tmp-(\d+)')   # `.NAME.tmp-PID`: where an export 
 EXPORT_FILE = re.compile(r'config\.json|generation_config\.json|README\.md|tokenizer(_config)?\.json'
                          r'|special_tokens_map\.json'
                          r'|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json'
-                         r'|\.tmp\w+')   # safetensors writes .tmpXYZ, then renames it
+                         r'|\.tmp\w+'   # safetensors writes .tmpXYZ, then renames it
+                         r'|\..+\.tmp-\d+')   # and `atomic_write` a `.NAME.tmp-PID` (a file half-written when killed)
 
 def _alive(pid:int) -> bool:
     try: os.kill(pid, 0)
@@ -395,7 +398,7 @@ def export_hf(checkpoint:str, # checkpoint file, or a run directory (its newest 
     try:
         tmp, lock = _claim_tmp(out)
         weight_files = save_safetensors(tensors, tmp, max_shard_bytes)
-        for name, text in files.items(): (tmp/name).write_text(text, encoding='utf-8')
+        for name, text in files.items(): atomic_write(tmp/name, text)
         diff = verify_export(tmp, model, codec, dtype) if verify else None
         _publish(tmp, out)
     except OSError as e: raise _unwritable(out, e) from None

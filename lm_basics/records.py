@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math, os, time
 from pathlib import Path
 from fastcore.basics import patch_to
-from .core import LMBasicsError, cli_errors, CLIParser, Console
+from .core import LMBasicsError, cli_errors, CLIParser, Console, atomic_write
 
 # %% auto #0
 __all__ = ['RUN_HINT', 'RECORD_START', 'MAX_LINE', 'WANDB_SOURCES', 'SERIES', 'read_metrics', 'RunRecords', 'check_wandb_names',
@@ -99,8 +99,7 @@ class RunRecords:
         if src is not None and src.is_file():
             with open(src, 'rb') as f: data = f.read() if n is None else f.read(n)
         if drop: data = data[:drop[0]] + data[drop[1]:]   # written in order (W&B needs it), left out of the continuation
-        tmp = self.path.with_name(f'.metrics.jsonl.tmp-{os.getpid()}')
-        tmp.write_bytes(data); os.replace(tmp, self.path)
+        atomic_write(self.path, data)   # the run's records are the old ones or the new ones, never half of either
 
     def _fail(self, e):
         raise LMBasicsError(f"cannot write metrics to {self.path} ({e.strerror}); free disk space or choose a writable "
@@ -275,16 +274,8 @@ def plot_runs(run_dirs:list[str|Path], # run directories (checkpoint_dir of lm_b
                  Line2D([], [], color='gray', lw=1.8, marker='o', ms=3.5)],
                 ['train (one batch)', 'train (evaluated)', 'validation'], fontsize=8, loc='upper right')
     fig.suptitle(title or ', '.join(_labels(run_dirs)))
-    tmp = out.with_name(f'.{out.name}.tmp-{os.getpid()}.png')
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, format='png', dpi=dpi)
-        os.replace(tmp, out)
-    except OSError as e:
-        try: tmp.unlink()
-        except OSError: pass
-        raise LMBasicsError(f"cannot write the plot {out} ({e.strerror}); choose a writable --out") from None
-    return out
+    return atomic_write(out, lambda f: fig.savefig(f, format='png', dpi=dpi), mkdir=True, error=lambda e: LMBasicsError(
+        f"cannot write the plot {out} ({e.strerror}); choose a writable --out"))
 
 # %% ../nbs/07_records.ipynb #210e313c
 @patch_to(RunRecords)

@@ -1,94 +1,200 @@
-"""The docs site as a reader meets it.
+"""The documentation site as a reader meets it, in headless Chromium.
 
-`python tools/build_docs.py --execute` builds the site into a temporary directory (every notebook run top to bottom
-in a fresh kernel), a thread serves it on 127.0.0.1, and headless Chromium loads every page. For each page we check
-what a reader would look for: its title, the sidebar in notebook order, an API heading with signature and parameter
-table for every function and class its module exports, the figures its notebook draws, its equations typeset (or
-their TeX source, without a local MathJax), and that every internal link (and `#anchor`) leads somewhere. Screenshots of the index and the model page are saved to `$LM_BASICS_ARTIFACTS`
-(or a temporary directory), with the build log and the time each notebook took to execute. To check a site you
-built already instead of building one, set `LM_BASICS_DOCS_SITE` to its directory.
+The site is built once, by the documented command (`tools/build_site.py --strict`), into a temporary directory from
+the notebooks as committed: nothing is executed, a page shows its notebook's committed outputs. A thread serves it on
+127.0.0.1 and one headless Chromium, driven over the DevTools protocol's pipe, loads every page and asks it what a
+reader would see: the navigation in reading order, the search finding the right chapter, every equation typeset by
+the local MathJax with no raw `$...$` left, every image loaded, every internal link (and `#anchor`) leading
+somewhere, and nothing fetched from the network.
 
-Chromium is Debian's `chromium` package, with `libjs-mathjax` for the equations; `.ci/run` installs both. Without
-Chromium the tests that need it skip (and fail in CI, LM_BASICS_CI=1); the tests never install anything. The Quarto
-configuration nbdev needs (`nbs/_quarto.yml`, `nbdev.yml`, `sidebar.yml`, `styles.css`) is checked against what nbdev
-2.4.14 generates.
+Chromium and MathJax are Debian's `chromium` and `libjs-mathjax`, which `.ci/run` installs: without them these tests
+skip, and fail in CI (LM_BASICS_CI=1). Sphinx, myst-nb and furo are dev requirements: without them the file fails.
+To check a site you built already, set `LM_BASICS_DOCS_SITE` to its directory.
 """
 from __future__ import annotations
-import base64, contextlib, functools, http.server, importlib, importlib.util, inspect, io, json, os, re, shutil
-import struct, subprocess, sys, tempfile, threading, time
+import fcntl, functools, http.server, importlib, importlib.util, inspect, json, os, re, shutil, subprocess, sys
+import tempfile, threading, time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT/'nbs'
 sys.path.insert(0, str(ROOT/'tools'))
-import build_docs  # noqa: E402
+import build_site  # noqa: E402
 
-_missing = [m for m in ('nbconvert', 'nbclient', 'bs4') if importlib.util.find_spec(m) is None]
-if _missing:  # a failure, not a skip: the docs build is part of the project
-    raise ImportError(f'{", ".join(_missing)} missing: the docs build needs nbconvert and nbclient (beautifulsoup4 comes '
-                      'with nbconvert), from settings.ini dev_requirements: pip install -e ".[dev]"')
-import bs4  # noqa: E402
+_missing = [m for m in ('sphinx', 'myst_nb', 'furo') if importlib.util.find_spec(m) is None]
+if _missing:  # a failure, not a skip: the site is part of the project
+    raise ImportError(f'{", ".join(_missing)} missing: the docs site needs the dev requirements (pip install -e ".[dev]")')
 
-NOTEBOOKS = build_docs.notebooks()
-PAGES = [build_docs.page_name(p) for p in NOTEBOOKS]
-BUILD_TIMEOUT = 900   # seconds for the whole build (executing every notebook); 1-3 minutes on a busy 2-core CPU
-CHROME_TIMEOUT = 60   # seconds for one page load
-CHROME_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-                '--disable-component-update', '--disable-sync', '--no-first-run',
-                '--virtual-time-budget=10000']  # let scripts (MathJax typesetting) finish before the DOM or screenshot
+CHAPTERS = [n for _, names in build_site.NAV for n in names]
+NAV_PAGES = [build_site.page_name(n) + '.html' for n in CHAPTERS]
+BUILD_TIMEOUT = 600           # seconds: about 25 s here, more on a busy 2-core machine
+PAGE_TIMEOUT = 60             # seconds for one page to load and typeset
+SEARCHES = {'rotary': 'model.html', 'Muon': 'optim.html', 'checkpoint': 'checkpoint.html', 'bits per byte': 'train.html'}
 
 
-# ---------------------------------------------------------------------------------------------------- Chromium
-def _chromium() -> str|None:
-    "Path to headless Chromium (Debian's `chromium`, which `.ci/run` installs with libjs-mathjax), or None."
-    return shutil.which('chromium') or ('/usr/bin/chromium' if Path('/usr/bin/chromium').exists() else None)
+# ---------------------------------------------------------------------------------------------------- Chromium over a pipe
+class CDPError(RuntimeError): pass
 
+class Chromium:
+    """Headless Chromium spoken to over `--remote-debugging-pipe` (fd 3 in, fd 4 out, NUL-terminated JSON): the
+    DevTools protocol without a port or a WebSocket library."""
+    FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+             '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-extensions',
+             '--disable-default-apps', '--mute-audio', '--remote-debugging-pipe']
 
-def chrome(exe:str, url:str, *args:str) -> str:
-    "Run headless Chromium on `url` with a fresh profile; returns its stdout (the DOM, with --dump-dom)."
-    with tempfile.TemporaryDirectory(prefix='lm_basics_chromium_') as profile:
-        r = subprocess.run([exe, *CHROME_FLAGS, f'--user-data-dir={profile}', *args, url],
-                           capture_output=True, text=True, timeout=CHROME_TIMEOUT)
-    assert r.returncode == 0, f'chromium failed on {url}:\n{r.stderr[-2000:]}'
-    return r.stdout
+    def __init__(self, exe:str, timeout:float=PAGE_TIMEOUT):
+        self.timeout, self._id, self._answers, self._events, self._gone = timeout, 0, {}, [], False
+        self._cv = threading.Condition()
+        self._profile = tempfile.TemporaryDirectory(prefix='lm_basics_chromium_')
+        cmd_r, self._cmd_w = os.pipe()
+        self._out_r, out_w = os.pipe()
+        def fds():  # the child's fds 3 and 4 become the pipe's ends (first moved out of 3's and 4's way)
+            r, w = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10), fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
+            os.dup2(r, 3); os.dup2(w, 4)
+        self.proc = subprocess.Popen([exe, *self.FLAGS, f'--user-data-dir={self._profile.name}', 'about:blank'],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=fds, close_fds=False, start_new_session=True)
+        os.close(cmd_r); os.close(out_w)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        buf = b''
+        while chunk := os.read(self._out_r, 1 << 16):
+            *msgs, buf = (buf + chunk).split(b'\0')
+            with self._cv:
+                for d in map(json.loads, msgs):
+                    if 'id' in d: self._answers[d['id']] = d
+                    else: self._events.append(d)
+                self._cv.notify_all()
+        with self._cv: self._gone = True; self._cv.notify_all()
+
+    def _wait(self, found, what:str, timeout:float|None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        with self._cv:
+            while (r := found()) is None:
+                if self._gone: raise CDPError(f'{what}: Chromium exited')
+                if (left := deadline - time.monotonic()) <= 0: raise CDPError(f'{what}: nothing within {timeout or self.timeout} s')
+                self._cv.wait(left)
+            return r
+
+    def send(self, method:str, params:dict|None=None, session:str|None=None, timeout:float|None=None) -> dict:
+        with self._cv: self._id += 1; i = self._id
+        os.write(self._cmd_w, json.dumps({'id': i, 'method': method, 'params': params or {},
+                                          **({'sessionId': session} if session else {})}).encode() + b'\0')
+        d = self._wait(lambda: self._answers.pop(i, None), method, timeout)
+        if 'error' in d: raise CDPError(f'{method}: {d["error"]}')
+        return d.get('result', {})
+
+    def event(self, method:str, session:str, timeout:float|None=None) -> dict:
+        "Wait for (and take) the first event `method` of `session`."
+        def found():
+            for e in self._events:
+                if e['method'] == method and e.get('sessionId') == session: self._events.remove(e); return e['params']
+        return self._wait(found, method, timeout)
+
+    def page(self) -> 'Page':
+        target = self.send('Target.createTarget', {'url': 'about:blank'})['targetId']
+        session = self.send('Target.attachToTarget', {'targetId': target, 'flatten': True})['sessionId']
+        for m in ('Page.enable', 'Runtime.enable', 'Network.enable'): self.send(m, session=session)
+        return Page(self, session)
+
+    def close(self):
+        try: self.send('Browser.close', timeout=10)
+        except (CDPError, OSError): pass
+        try: self.proc.wait(15)
+        except subprocess.TimeoutExpired: os.killpg(self.proc.pid, 9); self.proc.wait()
+        os.close(self._cmd_w); self._profile.cleanup()
+
+class Page:
+    "A tab: `goto` a URL (waits for its load event), evaluate JavaScript (promises awaited), list what it requested."
+    def __init__(self, browser:Chromium, session:str): self.b, self.session = browser, session
+
+    def goto(self, url:str):
+        with self.b._cv: self.b._events = [e for e in self.b._events if e.get('sessionId') != self.session]
+        if err := self.b.send('Page.navigate', {'url': url}, self.session).get('errorText'): raise CDPError(f'{url}: {err}')
+        self.b.event('Page.loadEventFired', self.session)
+
+    def js(self, expression:str):
+        r = self.b.send('Runtime.evaluate', {'expression': expression, 'awaitPromise': True, 'returnByValue': True,
+                                             'timeout': 1000 * self.b.timeout}, self.session)
+        if 'exceptionDetails' in r: raise CDPError(r['exceptionDetails'].get('exception', {}).get('description', str(r)))
+        return r['result'].get('value')
+
+    def requests(self) -> list[str]:
+        with self.b._cv:
+            return [e['params']['request']['url'] for e in self.b._events
+                    if e['method'] == 'Network.requestWillBeSent' and e.get('sessionId') == self.session]
+
+# What a page shows once MathJax has typeset it and its images have loaded (lazy ones are made eager).
+PAGE_INFO = r'''(async () => {
+  if (window.MathJax && MathJax.Hub) await new Promise(r => MathJax.Hub.Queue(r));
+  const imgs = [...document.images];
+  imgs.forEach(i => { i.loading = 'eager'; });
+  await Promise.all(imgs.map(i => i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; })));
+  const article = document.querySelector('article[role=main]') || document.body;
+  const prose = article.cloneNode(true);   // the text a reader sees outside code and typeset maths
+  prose.querySelectorAll('pre, code, script, style, .math, .MathJax, .MathJax_CHTML, .MathJax_Preview, .MathJax_Display')
+       .forEach(e => e.remove());
+  return {
+    title: document.title,
+    h1: (article.querySelector('h1') || {}).textContent || '',
+    headings: [...article.querySelectorAll('h1, h2, h3, h4')].map(h => h.textContent.replace(/[#¶]\s*$/, '').trim()),
+    signatures: [...article.querySelectorAll('div.highlight pre')].map(p => p.textContent).filter(t => /^(def|class) /.test(t)),
+    nav: [...document.querySelectorAll('.sidebar-tree a.reference')].map(a => a.getAttribute('href')),
+    math: article.querySelectorAll('span.math, div.math').length,
+    typeset: article.querySelectorAll('.MathJax_CHTML').length,
+    mathErrors: article.querySelectorAll('.MathJax_Error, .mjx-merror, merror').length,
+    prose: prose.textContent,
+    text: article.innerText,
+    cells: [...article.querySelectorAll('div.cell')].map(c => c.textContent).join('\n'),
+    images: imgs.map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0, width: i.naturalWidth,
+                            output: !!i.closest('.cell_output')})),
+    outputs: article.querySelectorAll('.cell_output').length,
+    links: [...document.querySelectorAll('a[href], link[href]')].map(a => a.href),
+    ids: [...document.querySelectorAll('[id]')].map(e => e.id),
+  };
+})()'''
+
+# Sphinx's search writes its summary ("Search finished, found ..." or "did not match") once it is done: poll for it.
+SEARCH_RESULTS = r'''(async () => {
+  const deadline = Date.now() + %d;
+  while (Date.now() < deadline) {
+    const s = document.querySelector('#search-results .search-summary');
+    if (s && s.textContent.trim()) break;
+    await new Promise(r => setTimeout(r, 100));
+  }
+  return {summary: (document.querySelector('#search-results .search-summary') || {}).textContent || '',
+          hits: [...document.querySelectorAll('#search-results ul.search > li > a')].map(a => a.getAttribute('href'))};
+})()''' % (1000 * (PAGE_TIMEOUT - 5))
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope='module')
-def artifacts(tmp_path_factory) -> Path:
-    d = Path(os.environ['LM_BASICS_ARTIFACTS']) if os.environ.get('LM_BASICS_ARTIFACTS') else tmp_path_factory.mktemp('artifacts')
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
+def chromium(lm) -> str:
+    exe = shutil.which('chromium') or ('/usr/bin/chromium' if Path('/usr/bin/chromium').exists() else None)
+    return exe or lm.missing_tool('headless Chromium is needed: apt-get install -y chromium libjs-mathjax')
 
 @pytest.fixture(scope='module')
-def browser(lm) -> str:
-    "Chromium; missing, the tests that need it skip (fail in CI, where .ci/run installs it: apt-get install chromium libjs-mathjax)."
-    return _chromium() or lm.missing_tool('headless Chromium is needed: install the Debian package `chromium` (apt-get install -y chromium libjs-mathjax)')
-
+def mathjax(lm) -> Path:
+    return build_site.local_mathjax() or lm.missing_tool('a local MathJax is needed: apt-get install -y libjs-mathjax')
 
 @pytest.fixture(scope='module')
-def site(browser, tmp_path_factory, artifacts) -> Path:
-    "The site, built by the documented command into a temporary directory (after the browser: no build to skip)."
-    if os.environ.get('LM_BASICS_DOCS_SITE'): return Path(os.environ['LM_BASICS_DOCS_SITE'])  # check a site built already
-    out = tmp_path_factory.mktemp('site')/'_site'
+def site(chromium, mathjax, tmp_path_factory) -> Path:
+    "The site, built by the documented command (`--strict`: no warning, no broken link) from the committed notebooks."
+    if os.environ.get('LM_BASICS_DOCS_SITE'): return Path(os.environ['LM_BASICS_DOCS_SITE'])
+    out = tmp_path_factory.mktemp('docs')/'_site'
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py'), '--out', str(out), '--execute', '--jobs', '2'],
+    r = subprocess.run([sys.executable, str(ROOT/'tools'/'build_site.py'), '--out', str(out), '--strict'],
                        cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    (artifacts/'docs_build.log').write_text(r.stdout + r.stderr)
-    assert r.returncode == 0, f'build_docs.py failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}'
-    times = {m[1]: float(m[2]) for m in re.finditer(r'^executed (\S+\.ipynb)\s+([\d.]+) s$', r.stdout, re.M)}
-    (artifacts/'docs_execution_times.json').write_text(json.dumps(
-        {'seconds_per_notebook': times, 'build_seconds': round(time.perf_counter() - t0, 1)}, indent=1))
-    assert set(times) == {p.name for p in NOTEBOOKS}, f'not every notebook was executed: {r.stdout}'
+    assert r.returncode == 0, f'build_site.py --strict failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}'
+    print(f'site built in {time.perf_counter() - t0:.1f} s')
     return out
-
 
 @pytest.fixture(scope='module')
 def server(site):
-    "The site served over HTTP on a free port of 127.0.0.1, in a thread."
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *a): pass
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(site)))
@@ -96,187 +202,119 @@ def server(site):
     yield f'http://127.0.0.1:{httpd.server_address[1]}'
     httpd.shutdown(); httpd.server_close(); t.join(5)
 
+@pytest.fixture(scope='module')
+def tab(chromium, server) -> Page:
+    b = Chromium(chromium)
+    try: yield b.page()
+    finally: b.close()
 
 @pytest.fixture(scope='module')
-def doms(browser, server, lm) -> dict:
-    "Each page as Chromium built it (`--dump-dom`), parsed; two pages at a time."
-    html = lm.in_parallel(lambda p: chrome(browser, f'{server}/{p}', '--dump-dom'), PAGES)
-    return {p: bs4.BeautifulSoup(h, 'html.parser') for p, h in zip(PAGES, html)}
+def pages(tab, server, site) -> dict:
+    "Every page of the site as Chromium shows it, with the URLs it requested."
+    out = {}
+    for p in sorted(site.glob('*.html')):
+        tab.goto(f'{server}/{p.name}')
+        out[p.name] = tab.js(PAGE_INFO) | {'requests': tab.requests()}
+    return out
 
 
-# ---------------------------------------------------------------------------------------------------- what a notebook promises
-def nb_source(nb:Path) -> list[dict]: return json.loads(nb.read_text(encoding='utf-8'))['cells']
+# ---------------------------------------------------------------------------------------------------- what a reader sees
+def test_every_chapter_is_a_page_in_reading_order(pages):
+    "Every notebook and page of the navigation is a page; each page's sidebar lists them in NAV's order."
+    numbered = sorted(p.stem for p in NBS.glob('[0-9]*.ipynb'))
+    assert sorted(n for n in CHAPTERS if not n.endswith('.md')) == numbered, 'a notebook is missing from NAV'
+    assert set(NAV_PAGES) | {'index.html'} <= set(pages)
+    assert NAV_PAGES[:4] == ['data.html', 'model.html', 'optim.html', 'train.html'], 'the ideas come first'
+    for name, p in pages.items():
+        nav = [h if h not in ('#', '') else name for h in p['nav']]
+        assert nav == NAV_PAGES, f'{name}: sidebar {nav}'
+        assert len(p['text']) > 300 or name in ('search.html', 'genindex.html'), f'{name} is almost empty'
+        leak = re.search(r'#\|\s*(export|hide|default_exp)|nbdev_export\(|show_doc\(', p['cells'])
+        assert not leak, f'{name}: nbdev directives or calls in its cells: {leak}'
 
-def module_of(nb:Path):
-    "The module a notebook exports (`#| default_exp name`), imported; None for the index."
-    for c in nb_source(nb):
-        if c['cell_type'] == 'code' and (m := re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(c['source']), re.M)):
-            return importlib.import_module(f'lm_basics.{m[1]}')
+def test_home_page_maps_the_chapters_in_order(pages):
+    "The home page (the README) teaches what lm_basics is, and its chapter map follows the navigation."
+    home = pages['index.html']
+    assert home['h1'].strip('#¶ ') == 'lm_basics'
+    table = [urlsplit(u).path.rsplit('/', 1)[-1] for u in home['links']]
+    chapters = [p for p in table if p in NAV_PAGES[:len([n for n in CHAPTERS if not n.endswith('.md')])]]
+    first = list(dict.fromkeys(chapters))
+    assert first == [p for p in NAV_PAGES if p in first] and len(first) == 15, first
 
-def exported_api(mod) -> list[str]:
-    "Functions and classes a module exports (its `__all__`), defined there: each gets a `show_doc`."
-    return [n for n in getattr(mod, '__all__', []) if (inspect.isfunction(o := getattr(mod, n)) or inspect.isclass(o))
-            and o.__module__ == mod.__name__]
+@pytest.mark.parametrize('query', SEARCHES)
+def test_search_finds_the_chapter(query, tab, server, pages):
+    tab.goto(f'{server}/search.html?q={query.replace(" ", "+")}')
+    r = tab.js(SEARCH_RESULTS)
+    hits = list(dict.fromkeys(h.split('#')[0] for h in r['hits']))
+    assert SEARCHES[query] in hits, f'{query!r}: {r["summary"]} {hits}'
+    if ' ' not in query: assert SEARCHES[query] in hits[:3], f'{query!r}: {SEARCHES[query]} ranked low in {hits}'
+    assert len(hits) < len(pages) - 4, f'{query!r} matches almost every page: {hits}'
+    assert all(h in pages for h in hits), hits
 
-def documented_params(obj) -> list[str]:
-    "Parameters with a docments comment, the rows a reader expects in the table."
-    from fastcore.docments import docments
-    return [k for k, v in docments(obj).items() if v and k not in ('self', 'return')]
+def test_maths_is_typeset(pages):
+    "Every equation is typeset by the local MathJax, none reports an error, and no raw TeX is left in the prose."
+    with_math = {n for n, p in pages.items() if p['math']}
+    assert {'model.html', 'optim.html', 'train.html'} <= with_math, sorted(with_math)
+    for name, p in pages.items():
+        assert p['typeset'] == p['math'], f'{name}: {p["math"]} equations, {p["typeset"]} typeset'
+        assert not p['mathErrors'], f'{name}: MathJax errors'
+        raw = re.findall(r'\$\$|\$[^\s$][^$\n]*\$|\\\(|\\\[|\\frac|\\begin\{', p['prose'])
+        assert not raw, f'{name}: raw TeX in the page: {raw[:5]}'
 
-_re_plot = re.compile(r'\b(plt\.|\.plot\(|\.imshow\(|\.hist\(|\.scatter\()')
-_skip = re.compile(r"^#\|\s*(slow|notest|eval:\s*false|export)\b", re.M)   # cells the docs do not run, and definitions (which draw nothing)
+def committed_outputs(nb:str) -> tuple[int, int]:
+    "How many code cells of notebook `nb` carry a committed output, and how many of those hold an image."
+    cells = [c for c in json.loads((NBS/f'{nb}.ipynb').read_text(encoding='utf-8'))['cells'] if c['cell_type'] == 'code']
+    shown = [c for c in cells if c.get('outputs') and not re.search(r'^#\|\s*(hide|include:\s*false|output:\s*false)',
+                                                                     ''.join(c['source']), re.M)]
+    return len(shown), sum(any('image/png' in o.get('data', {}) for o in c['outputs']) for c in shown)
 
-def plots(nb:Path) -> bool:
-    "Does a cell that runs for the docs draw a figure?"
-    return any(c['cell_type'] == 'code' and _re_plot.search(s := ''.join(c['source'])) and not _skip.search(s)
-               for c in nb_source(nb))
+def test_outputs_and_images_render(pages):
+    "Each notebook's committed outputs and figures are on its page, nothing is executed; every image on every page loads."
+    for nb in (n for n in CHAPTERS if not n.endswith('.md')):
+        p, (outputs, figures) = pages[build_site.page_name(nb) + '.html'], committed_outputs(nb)
+        assert p['outputs'] >= outputs, f'{nb}: {outputs} cells with outputs, {p["outputs"]} shown'
+        shown = [i for i in p['images'] if i['output']]
+        assert len(shown) >= figures and all(i['width'] > 100 for i in shown), f'{nb}: {figures} figures, shown {shown}'
+    assert any(i['src'].endswith('demo_loss.png') and i['ok'] for i in pages['index.html']['images'])
+    for name, p in pages.items():
+        bad = [i['src'] for i in p['images'] if not i['ok']]
+        assert not bad, f'{name}: images that did not load: {bad}'
 
+def test_api_docs_for_every_export(pages):
+    "Each chapter shows nbdev's API entry (a heading and the signature) for every function and class it exports."
+    for nb in (n for n in CHAPTERS if not n.endswith('.md')):
+        src = json.loads((NBS/f'{nb}.ipynb').read_text(encoding='utf-8'))['cells']
+        m = next((re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(c['source']), re.M) for c in src
+                  if c['cell_type'] == 'code' and re.search(r'^#\|\s*default_exp', ''.join(c['source']), re.M)), None)
+        if not m: continue
+        mod = importlib.import_module(f'lm_basics.{m[1]}')
+        names = [n for n in getattr(mod, '__all__', []) if (inspect.isfunction(o := getattr(mod, n)) or inspect.isclass(o))
+                 and o.__module__ == mod.__name__]
+        p = pages[build_site.page_name(nb) + '.html']
+        missing = [n for n in names if n not in p['headings']]
+        assert not missing, f'{nb}: no API entry for {missing}'
+        unsigned = [n for n in names if not any(re.match(rf'(def|class) {n}\b', s) for s in p['signatures'])]
+        assert not unsigned, f'{nb}: no signature for {unsigned}'
+    assert 'TransformerLM' in pages['model.html']['headings'] and 'get_batch' in pages['data.html']['headings']
 
-def has_math(nb:Path) -> bool:
-    return any(c['cell_type'] == 'markdown' and build_docs.has_math(''.join(c['source'])) for c in nb_source(nb))
-
-def words(el) -> str: return ' '.join(el.get_text().split())
-
-def api_doc(dom, name:str):
-    "The `show_doc` output for `name`: the rendered output that holds a heading reading `name`."
-    for h in dom.select('.jp-OutputArea-output h2, .jp-OutputArea-output h3, .jp-OutputArea-output h4'):
-        if words(h).rstrip('¶') == name: return h.find_parent(class_='jp-OutputArea-output')
-
-def table_rows(doc) -> list[str]:
-    "First-column texts of the parameter table in a `show_doc` output."
-    table = doc.find('table')
-    return [words(tr.find('td')) for tr in table.select('tbody tr')] if table else []
-
-
-# ---------------------------------------------------------------------------------------------------- tests
-def test_quarto_files_are_nbdevs(monkeypatch):
-    "The files `nbdev_docs`/`nbdev_preview` need are committed, as nbdev 2.4.14 writes them."
-    from nbdev import quarto
-    from nbdev.config import get_config
-    monkeypatch.chdir(ROOT)
-    assert (NBS/'_quarto.yml').read_text().strip() == quarto._quarto_yml.strip()
-    cfg = get_config()
-    vals = {k: cfg[k] for k in ['title', 'description', 'branch', 'git_url', 'doc_host', 'doc_baseurl']}
-    assert (NBS/'nbdev.yml').read_text() == quarto._nbdev_yml.format(doc_path=cfg.doc_path.name, **vals), \
-        'nbs/nbdev.yml is out of step with settings.ini: run python tools/build_docs.py --quarto_config'
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf): quarto.nbdev_sidebar.__wrapped__(path=str(NBS), printit=True, force=True)
-    assert (NBS/'sidebar.yml').read_text().strip() == buf.getvalue().strip(), \
-        'nbs/sidebar.yml does not list the notebooks: run python tools/build_docs.py --quarto_config'
-    css = (NBS/'styles.css').read_text()
-    assert '.cell-output' in css and 'div.description' in css
-
-
-def test_every_notebook_is_a_page(site, doms):
-    assert sorted(p.name for p in site.glob('*.html')) == sorted(PAGES)
-    assert PAGES[0] == 'index.html'
-    for page, dom in doms.items():
-        nav = [a['href'] for a in dom.select('nav.lm-sidebar li a')]
-        assert nav == PAGES, f'{page}: sidebar not in notebook order: {nav}'
-        assert dom.select_one('nav.lm-sidebar li.active a')['href'] == page
-
-
-@pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_page_shows_title_api_and_figures(nb, doms, site):
-    dom = doms[build_docs.page_name(nb)]
-    for img in dom.select('main img'):   # pictures from files (the README's loss plot) are in the site
-        if not img['src'].startswith('data:'):
-            f = site/img['src']
-            assert f.is_file() and f.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f'{nb.name}: image {img["src"]} is not in the site'
-    title, desc = build_docs.nb_title(nb)
-    h1 = dom.select_one('main h1.title')
-    assert h1 is not None and words(h1) == build_docs.plain(title)
-    assert build_docs.plain(title) in dom.title.get_text()
-    if desc: assert words(dom.select_one('main p.description')) == build_docs.plain(desc)
-    text = dom.select_one('main').get_text()
-    assert not re.search(r'#\|\s*(export|hide|default_exp)', text), 'nbdev directives leaked into the page'
-    assert 'nbdev_export()' not in text and 'show_doc(' not in text
-    assert not dom.select('.jp-OutputArea-error'), 'an error output was rendered'
-    assert len(text) > 500, 'the page has almost no text'
-
-    mod = module_of(nb)
-    for name in (exported_api(mod) if mod else []):
-        doc = api_doc(dom, name)
-        assert doc is not None, f'{nb.name}: no API docs (show_doc heading) for {name}'
-        sig = doc.find('pre')
-        assert sig is not None and re.search(rf'\b(def|class)\s+{name}\b', sig.get_text()), f'{name}: no signature'
-        if params := documented_params(getattr(mod, name)):
-            rows = table_rows(doc)
-            assert rows, f'{name}: no parameter table'
-            assert [p for p in params if p not in rows] == [], f'{name}: parameters missing from the table {rows}'
-
-    imgs = dom.select('main img')
-    if plots(nb):
-        assert imgs, f'{nb.name} draws a figure but the page shows none'
-        for img in imgs:
-            assert img['src'].startswith('data:image/png;base64,'), 'figures are embedded as PNG'
-            png = base64.b64decode(img['src'].split(',', 1)[1])
-            w, h = struct.unpack('>II', png[16:24])
-            assert png[:8] == b'\x89PNG\r\n\x1a\n' and w > 100 and h > 50
-
-
-@pytest.mark.parametrize('nb', [p for p in NOTEBOOKS if has_math(p)], ids=lambda p: p.stem)
-def test_equations(nb, site, doms):
-    "Equations are typeset by the MathJax copied into the site; with no local MathJax their TeX source still shows."
-    dom = doms[build_docs.page_name(nb)]
-    text = dom.select_one('main').get_text()
-    if (site/'mathjax'/'MathJax.js').is_file():
-        assert dom.select('.MathJax_CHTML, .mjx-chtml'), 'MathJax did not typeset the equations'
-        assert not dom.select('.mjx-merror, .MathJax_Error'), 'MathJax reported an error'
-        assert '$$' not in text and '\\frac' not in text
-    else:
-        assert '$' in text, 'the TeX source of the equations is missing'
-
-
-def test_known_pages_carry_their_api(doms):
-    "The examples a reader would look up first (guards against the generic checks matching nothing)."
-    for page, names in {'01_data.html': ['get_batch'], '02_model.html': ['TransformerLM', 'RMSNorm'],
-                        '03_optim.html': ['cosine_lr'], '08_config.html': ['TrainConfig'], '10_train.html': ['TrainStep', 'train']}.items():
-        for name in names: assert api_doc(doms[page], name), f'{page}: {name}'
-    assert table_rows(api_doc(doms['01_data.html'], 'get_batch'))[:3] == ['data', 'batch_size', 'context_length']
-    assert 'd_model' in table_rows(api_doc(doms['02_model.html'], 'TransformerLM'))
-    assert plots(NBS/'03_optim.ipynb') and doms['03_optim.html'].select('main img'), 'the learning-rate plot'
-
-
-def test_internal_links_resolve(site, doms):
-    "Every link to a local page (with or without #anchor) lands on a built page and an existing anchor."
-    ids = {p: {el['id'] for el in dom.find_all(id=True)} for p, dom in doms.items()}
+def test_internal_links_resolve(pages, server, site):
+    "Every link within the site lands on a page or file that exists, at an anchor that exists; none points at the published site."
     checked, bad = 0, []
-    for page, dom in doms.items():
-        for el in dom.select('a[href], link[href]'):
-            url = el['href']
-            if re.match(r'^[a-z][a-z0-9+.-]*:|^//', url, re.I): continue  # another site
-            path, _, frag = url.partition('#')
-            target = path or page
+    for name, p in pages.items():
+        for url in p['links']:
+            u = urlsplit(url)
+            if url.startswith(build_site.SITE_URL): bad.append(f'{name}: {url} (the published site, not this one)')
+            if f'{u.scheme}://{u.netloc}' != server: continue
+            path = unquote(u.path).lstrip('/') or 'index.html'
             checked += 1
-            if not (site/target).is_file(): bad.append(f'{page}: {url} (no such file)')
-            elif frag and target.endswith('.html') and frag not in ids.get(target, set()):
-                bad.append(f'{page}: {url} (no #{frag} there)')
+            if not (site/path).is_file(): bad.append(f'{name}: {url} (no such file)')
+            elif u.fragment and path.endswith('.html') and path in pages and unquote(u.fragment) not in pages[path]['ids']:
+                bad.append(f'{name}: {url} (no #{u.fragment} there)')
     assert not bad, '\n'.join(bad)
-    assert checked > 10 * len(PAGES)
-    # nbdev's doc links (backticked names in prose) point at the local API headings, not the published site
-    hrefs = [a['href'] for a in doms['10_train.html'].select('main a[href]')]
-    assert any(h.startswith('02_model.html#') or h.startswith('01_data.html#') for h in hrefs)
-    assert not [h for h in hrefs if h.endswith('.ipynb') or '.ipynb#' in h]
+    assert checked > 20 * len(pages)
 
-
-def test_screenshots(browser, server, artifacts):
-    "The index and the model page as a reader sees them, saved as test artifacts."
-    for page in ('index.html', '02_model.html'):
-        png = artifacts/f'docs_{Path(page).stem}.png'
-        png.unlink(missing_ok=True)
-        chrome(browser, f'{server}/{page}', f'--screenshot={png}', '--window-size=1280,2000', '--hide-scrollbars')
-        data = png.read_bytes()
-        assert data[:8] == b'\x89PNG\r\n\x1a\n' and struct.unpack('>II', data[16:24]) == (1280, 2000)
-        assert len(data) > 30_000, f'{png} looks blank ({len(data)} bytes)'
-
-
-def test_quick_build_without_execute(tmp_path):
-    "`build_docs.py` without --execute (seconds, no outputs) renders every page too, with the README's picture."
-    out = tmp_path/'_site'
-    r = subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py'), '--out', str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f'{r.stdout[-3000:]}\n{r.stderr[-5000:]}'
-    assert sorted(p.name for p in out.glob('*.html')) == sorted(PAGES)
-    srcs = re.findall(r'<img[^>]*src="([^"]+)"', (out/'index.html').read_text())
-    assert 'images/demo_loss.png' in srcs and (out/'images'/'demo_loss.png').read_bytes()[:4] == b'\x89PNG'
+def test_nothing_comes_from_the_network(pages, server):
+    "Every page, MathJax and search included, loads only from the site itself."
+    for name, p in pages.items():
+        away = [u for u in p['requests'] if not u.startswith((server, 'data:', 'about:', 'blob:'))]
+        assert not away, f'{name} requested {away}'

@@ -7,8 +7,8 @@ reader would see: the navigation in reading order, the search finding the right 
 the local MathJax with no raw `$...$` left, every image loaded, every internal link (and `#anchor`) leading
 somewhere, and nothing fetched from the network.
 
-Chromium and MathJax are Debian's `chromium` and `libjs-mathjax`, which `.ci/run` installs: without them these tests
-skip, and fail in CI (LM_BASICS_CI=1). Sphinx, myst-nb and furo are dev requirements: without them the file fails.
+Chromium and MathJax are Debian's `chromium` (or Chrome) and `libjs-mathjax`, which `.ci/run` installs: without them
+these tests skip, and fail in CI (LM_BASICS_CI=1). Sphinx, myst-nb and furo are dev requirements: without them the file fails.
 To check a site you built already, set `LM_BASICS_DOCS_SITE` to its directory.
 """
 from __future__ import annotations
@@ -174,7 +174,9 @@ SEARCH_RESULTS = r'''(async () => {
 # ---------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope='module')
 def chromium(lm) -> str:
-    exe = shutil.which('chromium') or ('/usr/bin/chromium' if Path('/usr/bin/chromium').exists() else None)
+    "Debian's chromium, or Chrome (GitHub's runners have it), or the browser named by $LM_BASICS_CHROMIUM."
+    names = [os.environ.get('LM_BASICS_CHROMIUM'), 'chromium', 'google-chrome', 'google-chrome-stable', 'chromium-browser']
+    exe = next((e for e in map(shutil.which, filter(None, names)) if e), None)
     return exe or lm.missing_tool('headless Chromium is needed: apt-get install -y chromium libjs-mathjax')
 
 @pytest.fixture(scope='module')

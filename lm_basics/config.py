@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_config.ipynb #a6316642
 from __future__ import annotations
-import dataclasses, difflib, json, math
+import dataclasses, difflib, json, math, os, reprlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import typing
@@ -14,8 +14,10 @@ from .model import MODEL_ARGS, check_model_args
 from .optim import OPTIMIZERS, SCHEDULES
 
 # %% auto #0
-__all__ = ['ALIASES', 'FIELDS', 'TYPES', 'HELP', 'TrainConfig', 'coerce', 'validate', 'canonical_name', 'load_config_file',
-           'build_parser', 'parse_config', 'merge_resumed_config', 'resolve_accumulation', 'print_config']
+__all__ = ['ALIASES', 'FIELDS', 'TYPES', 'HELP', 'INT_LIMIT', 'MAX_MICRO_STEPS', 'INT_RANGES', 'PATH_SETTINGS',
+           'CONFIG_MAX_BYTES', 'MUON_ONLY', 'IGNORED_WHEN', 'TrainConfig', 'coerce', 'validate', 'expand_path',
+           'canonical_name', 'load_config_file', 'check_given', 'build_parser', 'parse_config', 'merge_resumed_config',
+           'resolve_accumulation', 'print_config']
 
 # %% ../nbs/08_config.ipynb #3e576d4c
 @dataclass
@@ -53,7 +55,7 @@ class TrainConfig:
     gradient_accumulation_steps:int=1 # micro-batches accumulated into one optimizer step
     total_batch_size:int|None=None # tokens per optimizer step over all processes; sets gradient_accumulation_steps to fit
     max_iters:int=100000 # maximum number of training iterations
-    warmup_iters:int=2000 # number of warmup iterations
+    warmup_iters:int=2000 # number of warmup iterations (not given and longer than the schedule: a twentieth of it)
     lr_schedule:str='cosine' # cosine (warmup, cosine decay to min_lr), wsd (warmup, stable, 1-sqrt decay over the last decay_frac) or linear
     lr_decay_iters:int|None=None # length of the learning-rate schedule; unset: max_iters (set it to train a planned run in chunks)
     decay_frac:float=0.2 # with --lr_schedule wsd: the fraction of the schedule spent decaying to min_lr
@@ -62,7 +64,7 @@ class TrainConfig:
     skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
     check_finite:bool|None=None # check loss and gradient norm before every update, a device sync per step; unset: on CPU, or with skip_nonfinite; off: at log intervals and before saving
     dtype:str='auto' # compute dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16 or float16
-    compile:bool|None=None # compile the model with torch.compile; unset: on for CUDA, off elsewhere
+    compile:bool|None=None # compile the model with torch.compile; unset: decided by timing a first step, on any device (on when the run is long enough to repay compiling)
     fsdp:bool=False # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
     # checkpointing and logging
     checkpoint_dir:str='checkpoints' # directory for checkpoints, metrics.jsonl and config.json; a resumed run's is its checkpoint's unless given
@@ -93,26 +95,53 @@ _DOCS = docs_of(TrainConfig)   # the comments beside the fields, read from the s
 HELP = {k: _DOCS.get(k) or k.replace('_', ' ') for k in FIELDS}
 
 # %% ../nbs/08_config.ipynb #e54e539d
+INT_LIMIT = 2**62   # every count stays far inside int64 (C long), so no sum or product of two of them overflows downstream
+MAX_MICRO_STEPS = 2**16   # micro-batches per optimizer step (per process), and batches per evaluation
+INT_RANGES = {   # the integer settings the model's rules do not cover: (smallest, largest, why the largest)
+    'batch_size': (1, 2**24, "lower it, and raise --gradient_accumulation_steps to keep the step"),
+    'gradient_accumulation_steps': (1, MAX_MICRO_STEPS, "one step would take hours; typical values are 1-64"),
+    'eval_iters': (1, MAX_MICRO_STEPS, "one evaluation would take hours; typical values are 20-500"),
+    'sample_tokens': (0, 2**20, "the sample would take hours"),
+    'seed': (0, 2**32 - 1, "seeds are 32-bit"),
+    **{k: (0, INT_LIMIT, "give a realistic count") for k in ('max_iters', 'warmup_iters', 'loss_chunk', 'skip_nonfinite', 'keep_every')},
+    **{k: (1, INT_LIMIT, "give a realistic count") for k in ('total_batch_size', 'lr_decay_iters', 'checkpoint_interval', 'keep_last',
+                                                              'eval_interval', 'log_interval')}}
+
 def coerce(name:str, value, source:str|None=None):
     "Convert `value` to the type of `TrainConfig.<name>`, raising `LMBasicsError` if it does not fit."
-    return convert(value, TYPES[name], name, source)
+    try: return convert(value, TYPES[name], name, source)
+    except OverflowError:   # an integer of hundreds of digits (JSON allows it) for a float setting
+        raise LMBasicsError(f"{source or '--' + name}: {name} {_short(value)} is too large for a number; give a realistic value") from None
 
+def _short(v, n:int=60) -> str:
+    "`repr(v)`, cut to `n` characters: a message stays one readable line whatever the file holds."
+    r = reprlib.Repr(); r.maxstring = r.maxother = n; r.maxlevel, r.maxlist, r.maxdict = 2, 4, 4
+    return r.repr(v)
+
+def _fspath(v): return os.fspath(v) if isinstance(v, os.PathLike) else v   # a `Path` given for a path setting
+
+def _check_int(k:str, v:int):
+    "Refuse an integer setting outside its range in `INT_RANGES`."
+    lo, hi, why = INT_RANGES[k]
+    if k == 'seed' and not lo <= v <= hi: raise LMBasicsError(f"seed must lie in [0, 2**32 - 1] = [0, {hi}], got {v}")
+    if v < lo: raise LMBasicsError(f"{k} must be {'a positive integer' if lo == 1 else '>= 0'}, got {v}")
+    if v > hi: raise LMBasicsError(f"{k} {v:,} is too large (at most {hi:,}: {why})")
+
+# %% ../nbs/08_config.ipynb #6d1a9483
 def validate(cfg:TrainConfig) -> TrainConfig:
-    "Check that the settings of `cfg` make sense together; raise `LMBasicsError` naming the first that does not."
+    "Check that the settings of `cfg` make sense together; raise `LMBasicsError` naming the first that does not. Return it, typed."
     def need(ok, msg):
         if not ok: raise LMBasicsError(msg)
-    for k, t in TYPES.items():   # no NaN or infinity anywhere
+    cfg = TrainConfig(**{k: coerce(k, _fspath(getattr(cfg, k)), source='TrainConfig') for k in FIELDS})   # 2.0 -> 2; 1.5 for an int: refused
+    for k in TYPES:   # no NaN or infinity anywhere
         v = getattr(cfg, k)
         if isinstance(v, float): need(math.isfinite(v), f"{k} must be a finite number, got {v}")
     check_model_args(**{k: getattr(cfg, k) for k in MODEL_ARGS})   # the architecture's rules are the model's
-    for k in ('batch_size', 'gradient_accumulation_steps', 'checkpoint_interval', 'eval_interval', 'log_interval', 'eval_iters', 'keep_last'):
-        need(getattr(cfg, k) >= 1, f"{k} must be a positive integer, got {getattr(cfg, k)}")
-    for k in ('batch_size', 'gradient_accumulation_steps'):
-        need(getattr(cfg, k) <= 2**24, f"{k} {getattr(cfg, k):,} is too large (at most {2**24:,})")
-    for k in ('max_iters', 'keep_every', 'sample_tokens', 'loss_chunk', 'skip_nonfinite', 'warmup_iters'):
-        need(getattr(cfg, k) >= 0, f"{k} must be >= 0, got {getattr(cfg, k)}")
-    need(0 <= cfg.seed < 2**32, f"seed must lie in [0, 2**32 - 1] = [0, 4294967295], got {cfg.seed}")
-    need(cfg.total_batch_size is None or cfg.total_batch_size >= 1, f"total_batch_size must be a positive number of tokens, got {cfg.total_batch_size}")
+    for k in INT_RANGES:
+        if getattr(cfg, k) is not None: _check_int(k, getattr(cfg, k))
+    need(cfg.batch_size * cfg.gradient_accumulation_steps <= 2**24,   # one step draws all its rows at once
+         f"batch_size × gradient_accumulation_steps = {cfg.batch_size:,} × {cfg.gradient_accumulation_steps:,} rows per step is too "
+         f"many (at most {2**24:,}); lower one of them")
     need(cfg.check_finite is not False or cfg.skip_nonfinite == 0, "--skip_nonfinite needs the check before every update: drop --no-check_finite")
     for k in ('lr', 'min_lr', 'weight_decay', 'grad_clip', 'muon_lr', 'muon_weight_decay'):
         need(getattr(cfg, k) >= 0, f"{k} must be a non-negative number, got {getattr(cfg, k)}")
@@ -120,7 +149,6 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     for k in ('beta1', 'beta2', 'muon_momentum'):
         need(0 <= getattr(cfg, k) < 1, f"{k} must lie in [0, 1), got {getattr(cfg, k)}")
     need(0 < cfg.eps < 1, f"eps must lie in (0, 1), got {cfg.eps}")
-    need(cfg.lr_decay_iters is None or cfg.lr_decay_iters >= 1, f"lr_decay_iters must be a positive integer, got {cfg.lr_decay_iters}")
     horizon = 'lr_decay_iters' if cfg.lr_decay_iters is not None else 'max_iters'
     need(cfg.warmup_iters <= getattr(cfg, horizon),
          f"warmup_iters ({cfg.warmup_iters}) must lie between 0 and {horizon} ({getattr(cfg, horizon)}); lower --warmup_iters")
@@ -134,6 +162,23 @@ def validate(cfg:TrainConfig) -> TrainConfig:
          f"unknown dataset {cfg.dataset!r}; built-in datasets: {', '.join(BUILTIN_DATASETS)}")
     return cfg
 
+# %% ../nbs/08_config.ipynb #db6d101d
+PATH_SETTINGS = ('train_data_path', 'val_data_path', 'checkpoint_dir', 'resume_from')
+
+def expand_path(name:str, # one of `PATH_SETTINGS`
+                value:str|None, # the path as given
+                source:str, # where it was given, for messages: '--checkpoint_dir', 'config file c.json'
+               ) -> str|None:
+    "A path setting with `~` expanded as a shell would (in a config file too); an empty path is refused."
+    if value is None or (name == 'resume_from' and value == 'auto'): return value
+    if not value.strip():   # an empty --checkpoint_dir would write into the current directory
+        raise LMBasicsError(f"{source}: {name} is empty; give a path{' (or leave it out for the default, checkpoints)' if name == 'checkpoint_dir' else ''}")
+    out = os.path.expanduser(value)
+    if out.startswith('~'):
+        raise LMBasicsError(f"{source}: {name} {_short(value)} starts with ~ but no such user's home directory exists here; "
+                            f"give the full path (or ./{value} for a directory named so)")
+    return out
+
 # %% ../nbs/08_config.ipynb #8cde0c8b
 def canonical_name(key:str) -> str|None:
     "The `TrainConfig` field a flag or config key names (`--d-model`, `max_lr`, ...), or None."
@@ -143,31 +188,68 @@ def canonical_name(key:str) -> str|None:
 
 def _suggest(key:str) -> str:
     names = list(FIELDS) + list(ALIASES)
-    close = difflib.get_close_matches(key.lstrip('-').replace('-', '_'), names, n=1)
+    close = difflib.get_close_matches(key.lstrip('-').replace('-', '_')[:100], names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+CONFIG_MAX_BYTES = 1 << 20   # settings take a few hundred bytes; anything this large is not a config file
 
 def load_config_file(path:str|Path) -> dict:
     "Read a JSON config file into `{field: value}`, checking every key and value."
-    p = Path(path)
+    if not str(path).strip(): raise LMBasicsError("--config is empty; give the path of a .json file of settings")
+    p = Path(os.path.expanduser(path))
     if p.is_dir(): raise LMBasicsError(f"config file {p} is a directory; pass a .json file of settings")
     if not p.is_file(): raise LMBasicsError(f"config file not found: {p}; check the path")
     def pairs(items):
-        keys = [k for k, _ in items]
-        if dup := next((k for k in keys if keys.count(k) > 1), None):
-            raise LMBasicsError(f"config file {p}: key {dup!r} appears more than once (JSON would silently keep the last); keep one")
+        seen = set()
+        for k, _ in items:
+            if k in seen: raise LMBasicsError(f"config file {p}: key {_short(k)} appears more than once (JSON would silently keep the last); keep one")
+            seen.add(k)
         return dict(items)
-    try: raw = json.loads(p.read_text(encoding='utf-8'), object_pairs_hook=pairs)
+    try:
+        if (size := p.stat().st_size) > CONFIG_MAX_BYTES:
+            raise LMBasicsError(f"config file {p} is {size:,} bytes, too large for a file of settings (at most {CONFIG_MAX_BYTES:,}); check the path")
+        raw = json.loads(p.read_text(encoding='utf-8'), object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
         raise LMBasicsError(f"config file {p} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file") from None
+    except RecursionError:   # the parser recurses once per level of nesting
+        raise LMBasicsError(f"config file {p} nests arrays or objects too deeply to read; a config file is one flat JSON object of settings") from None
+    except ValueError as e:   # a number of thousands of digits
+        raise LMBasicsError(f"config file {p} holds a value JSON cannot read here ({_short(str(e))}); fix the file") from None
     except (OSError, UnicodeDecodeError) as e: raise LMBasicsError(f"cannot read config file {p} ({e}); fix its permissions or encoding") from None
     if not isinstance(raw, dict): raise LMBasicsError(f"config file {p} must hold a JSON object of settings, not {type(raw).__name__}")
-    out = {}
+    out, source = {}, f"config file {p}"
     for k, v in raw.items():
         name = canonical_name(k)
-        if name is None: raise LMBasicsError(f"config file {p}: unknown key {k!r}{_suggest(k)}; see lm_basics_train --help for the settings")
-        if name in out: raise LMBasicsError(f"config file {p}: {name} is set twice (as {k!r} and an alias); keep one")
-        out[name] = coerce(name, v, source=f"config file {p}")
+        if name is None: raise LMBasicsError(f"{source}: unknown key {_short(k)}{_suggest(k)}; see lm_basics_train --help for the settings")
+        if name in out: raise LMBasicsError(f"{source}: {name} is set twice (as {_short(k)} and an alias); keep one")
+        try: out[name] = coerce(name, v, source=source)
+        except LMBasicsError as e:
+            if len(str(e)) < 300: raise
+            raise LMBasicsError(f"{source}: {name} cannot be {_short(v)} ({type(v).__name__}); see lm_basics_train --help") from None
+        if name in PATH_SETTINGS: out[name] = expand_path(name, out[name], source)
     return out
+
+# %% ../nbs/08_config.ipynb #2e392283
+MUON_ONLY = "Muon's settings apply only with --optimizer muon"
+IGNORED_WHEN = [  # (setting, the setting that can make it do nothing, whether it does in cfg, why, the other fix)
+    *[(k, 'optimizer', lambda c: c.optimizer != 'muon', MUON_ONLY, 'use --optimizer muon') for k in ('muon_lr', 'muon_momentum', 'muon_weight_decay')],
+    ('decay_frac', 'lr_schedule', lambda c: c.lr_schedule != 'wsd', "decay_frac applies only to the wsd schedule", 'use --lr_schedule wsd'),
+    *[('dataset', k, lambda c, k=k: bool(getattr(c, k)), "the data paths are used instead of a built-in dataset", 'leave out the data paths')
+      for k in ('train_data_path', 'val_data_path')]]
+
+def check_given(cfg:TrainConfig, # the settings, complete
+                given:dict[str, int], # the settings given explicitly: {name: 1 from a config file, 2 from a flag}
+                known:set[str]|None=None, # the settings whose value in `cfg` is final (default: all; a resumed run's come later)
+                otherwise:str='the default', # where a setting not given comes from, for messages
+               ):
+    "Refuse a setting given explicitly that the others make do nothing (Muon's settings without Muon, say), naming both."
+    def origin(k): return {2: f"--{k}", 1: f"{k} in the config file"}.get(given.get(k), f"{k} ({otherwise})")
+    for k, by, ignored, why, fix in IGNORED_WHEN:
+        if k not in given or not ignored(cfg) or (known is not None and by not in known): continue
+        if given.get(by, 0) > given[k]: continue   # a flag overriding the config file's world is not a contradiction
+        drop = f"--{k}" if given[k] == 2 else f"{k} from the config file"
+        raise LMBasicsError(f"{origin(k)} is given, but {origin(by)} = {_short(getattr(cfg, by))} makes it do nothing ({why}); "
+                            f"drop {drop}, or {fix}")
 
 # %% ../nbs/08_config.ipynb #4b15ba01
 def build_parser(prog:str='lm_basics_train') -> CLIParser:
@@ -181,9 +263,15 @@ def parse_config(argv:list[str]|None=None, # command-line arguments (default: `s
                 ) -> tuple[TrainConfig, set[str]]:
     "Build the `TrainConfig` of a command line: defaults < config file < flags. Also return the names set explicitly."
     values, given = build_parser().parse(argv)
-    settings = load_config_file(values['config']) if 'config' in given else {}
-    settings.update({k: values[k] for k in given if k != 'config'})
-    return TrainConfig(**settings), set(settings)
+    from_file = load_config_file(values['config']) if 'config' in given else {}
+    flags = {k: expand_path(k, values[k], f'--{k}') if k in PATH_SETTINGS else values[k] for k in given if k != 'config'}
+    settings = {**from_file, **flags}
+    cfg = TrainConfig(**settings)
+    if 'warmup_iters' not in settings and cfg.warmup_iters > (horizon := cfg.lr_decay_iters or cfg.max_iters):
+        cfg = dataclasses.replace(cfg, warmup_iters=horizon // 20)   # the default warmup outlasts a short run: a twentieth of it instead
+    resuming = settings.get('resume_from') is not None   # then what is not given comes from the checkpoint: see `merge_resumed_config`
+    check_given(cfg, {**{k: 1 for k in from_file}, **{k: 2 for k in flags}}, known=set(settings) if resuming else None)
+    return cfg, set(settings)
 
 # %% ../nbs/08_config.ipynb #210e313c
 def merge_resumed_config(cfg:TrainConfig, # the config of this command line
@@ -205,7 +293,9 @@ def merge_resumed_config(cfg:TrainConfig, # the config of this command line
         else: merged[k] = coerce(k, saved[k], source=source)
         if k in saved and k in explicit and saved[k] != merged[k] and k not in ('resume_from', 'checkpoint_dir'):
             changes.append(f"{k}: {saved[k]!r} -> {merged[k]!r}")
-    return TrainConfig(**merged), changes
+    cfg = TrainConfig(**merged)   # a setting given now that the checkpoint's settings make do nothing is refused:
+    check_given(cfg, dict.fromkeys(explicit, 2), known=set(FIELDS) - set(explicit), otherwise=f'from {source}')
+    return cfg, changes
 
 # %% ../nbs/08_config.ipynb #39b44d6a
 def resolve_accumulation(cfg:TrainConfig, # the run's settings
@@ -214,17 +304,27 @@ def resolve_accumulation(cfg:TrainConfig, # the run's settings
                         ) -> int:
     "Micro-steps per optimizer step: `gradient_accumulation_steps`, or what `total_batch_size` tokens take."
     if cfg.total_batch_size is None: return cfg.gradient_accumulation_steps
-    per = cfg.batch_size * cfg.context_length * world_size
-    if cfg.total_batch_size % per:
-        ok = [b for b in range(cfg.batch_size, 0, -1) if cfg.total_batch_size % (b * cfg.context_length * world_size) == 0]
-        raise LMBasicsError(f"total_batch_size {cfg.total_batch_size:,} tokens is not a multiple of batch_size × context_length × processes "
+    total, per = cfg.total_batch_size, cfg.batch_size * cfg.context_length * world_size
+    def fits(b): return total % (b * cfg.context_length * world_size) == 0 and _micro_steps_ok(b, total // (b * cfg.context_length * world_size))
+    if not _micro_steps_ok(cfg.batch_size, total // per):   # checked first: Python's integers never overflow, but a step this long never ends
+        most = per * min(MAX_MICRO_STEPS, 2**24 // cfg.batch_size)
+        raise LMBasicsError(f"total_batch_size {total:,} tokens would take {total // per:,} micro-steps of batch_size × context_length × "
+                            f"processes = {per:,} tokens per optimizer step, more than a step can take and finish (at most "
+                            f"{MAX_MICRO_STEPS:,} micro-steps, {2**24:,} rows); lower --total_batch_size to {most:,} or less")
+    if total % per:
+        ok = next((b for b in range(cfg.batch_size, max(0, cfg.batch_size - MAX_MICRO_STEPS), -1) if fits(b)), None)
+        raise LMBasicsError(f"total_batch_size {total:,} tokens is not a multiple of batch_size × context_length × processes "
                             f"= {cfg.batch_size} × {cfg.context_length} × {world_size} = {per:,}; "
-                            + (f"use --batch_size {ok[0]}" if ok else "change --total_batch_size or --context_length"))
-    accum = cfg.total_batch_size // per
+                            + (f"use --batch_size {ok}" if ok else "change --total_batch_size or --context_length"))
+    accum = total // per
     if 'gradient_accumulation_steps' in explicit and cfg.gradient_accumulation_steps not in (1, accum):
         raise LMBasicsError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} contradicts --total_batch_size "
-                            f"{cfg.total_batch_size:,}, which needs {accum} here; give one of them")
+                            f"{total:,}, which needs {accum} here; give one of them")
     return accum
+
+def _micro_steps_ok(batch_size:int, accum:int) -> bool:
+    "Whether `accum` micro-steps of `batch_size` rows make a step that finishes (and whose one draw of start positions fits in memory)."
+    return accum <= MAX_MICRO_STEPS and batch_size * accum <= 2**24
 
 # %% ../nbs/08_config.ipynb #4e38f469
 def print_config(cfg:TrainConfig, file=None):

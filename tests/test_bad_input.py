@@ -4,15 +4,15 @@ every file that was there before byte-for-byte, mode- and mtime-for-mtime the sa
 of the case), and the fresh `--checkpoint_dir` of the command never created.
 
 The table below is the one list of bad inputs; each row is one `lm_basics_train` process (two run at a time). The
-defaults of every row are a valid tiny run on the Shakespeare bytes into a fresh directory; the row's arguments come
-after them (later flags win). A real out-of-memory that the up-front memory estimate cannot foresee (the address space
+defaults of every row are a valid tiny run on the Shakespeare bytes into a fresh directory; the row's arguments replace
+the defaults' flags for the same settings (a setting given twice on one command line is itself refused). A real out-of-memory that the up-front memory estimate cannot foresee (the address space
 of the process limited with RLIMIT_AS) is answered the same way, at the iteration where it happens.
 
 What the notebooks test in-process (every rule of `validate`, `load_config_file`, `read_checkpoint`, `open_tokens`,
 `check_model_args`) is tested here once more only as a user meets it: through the command line, in a real process.
 """
 from __future__ import annotations
-import os, pickle, re, resource, shutil
+import os, pickle, random, re, resource, shutil
 from pathlib import Path
 import numpy as np
 import pytest
@@ -27,6 +27,22 @@ def existing(byte_run) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- building the inputs
+def setting(arg) -> str|None:
+    "The setting a command-line word sets (`--train-data` -> train_data_path, `--no-compile` -> compile), or None for a value."
+    from lm_basics.config import canonical_name
+    if not isinstance(arg, str) or not arg.startswith('--'): return None
+    name = arg[2:].split('=', 1)[0]
+    return canonical_name(name) or (name.startswith('no-') and canonical_name(name[3:])) or name
+
+def command_line(defaults:list, row:list) -> list:
+    "`defaults` less the flags (and their values) of every setting `row` gives, then `row`: each setting once."
+    groups = []
+    for a in defaults:
+        if setting(a) is not None or not groups: groups.append([a])
+        else: groups[-1].append(a)
+    given = {setting(a) for a in row} - {None}
+    return [a for g in groups if setting(g[0]) not in given for a in g] + list(row)
+
 def data(corpus, train=None, val=None) -> list:
     return ['--train_data_path', train or corpus.path('train', 'npy'), '--val_data_path', val or corpus.path('val', 'npy')]
 
@@ -73,12 +89,29 @@ def code_running(t, fmt:str) -> Path:
     (t/'proof').unlink(); sample.unlink()
     return save({'model_state_dict': {'w': torch.zeros(2)}, 'iteration': 1, 'config': {}, 'x': Payload(t/'PWNED')}, t/'evil.pt')
 
+def text_file(t, corpus, name:str) -> Path:
+    "The validation plays as plain text, under a token file's name."
+    return write(t/name, np.load(corpus.path('val', 'npy')).astype(np.uint8).tobytes().decode('utf-8'))
+
+def renamed(src:Path, dst:Path) -> Path: return Path(shutil.copy(src, dst))
+
+def npz_named_npy(t) -> Path:
+    np.savez(t/'arch.npz', ids=np.arange(1000, dtype=np.uint16)); return Path(os.replace(t/'arch.npz', t/'arch.npy') or t/'arch.npy')
+
+def raw_ids(t, corpus, split:str, dtype:str, meta:str|None=None) -> Path:
+    "The corpus's ids as a raw file of `dtype` (an even count), in its own directory with an optional meta.json stating `meta`."
+    d = t/f'{split}_{dtype}'; d.mkdir(exist_ok=True)
+    if meta: write(d/'meta.json', f'{{"dtype": "{meta}", "vocab_size": 256}}')
+    ids = np.load(corpus.path(split, 'npy'))
+    return write(d/f'{split}.bin', ids[:len(ids) // 2 * 2].astype(dtype).tobytes())
+
 NO_SUCH_DEVICE = 'cuda:99' if torch.cuda.is_available() else 'cuda'   # `cuda` on a machine without a GPU
 
 
 # ---------------------------------------------------------------------------------------------------- the table
 # id -> (t, corpus, existing) -> (arguments after the defaults, what the error line must contain[, options])
-# options: drop (default flags left out, so a config file can set them), unprivileged (run subject to file permissions)
+# options: drop (default flags left out, so a config file can set them), unprivileged (run subject to file permissions),
+# absent (what the error line must not say: misleading advice)
 R = re.compile
 CASES = {
     # data files
@@ -91,6 +124,20 @@ CASES = {
     'data-empty-raw':           lambda t, c, e: (data(c, train=write(t/'empty.bin', b'')), ['empty.bin', 'empty']),
     'data-empty-npy':           lambda t, c, e: (data(c, val=write(t/'empty.npy', np.zeros(0, np.uint16))), ['empty.npy', 'empty']),
     'data-token-id-past-vocab': lambda t, c, e: (data(c, val=id_past_vocab(t, c)), ['big_id.npy', '300', R(r'vocab_size (is )?256'), R(r'1,?234')]),
+    'data-text-as-bin':         lambda t, c, e: (data(c, train=text_file(t, c, 'plays.bin')), ['plays.bin', 'holds text', 'lm_basics_prepare']),
+    'data-text-as-txt':         lambda t, c, e: (data(c, val=text_file(t, c, 'plays.txt')), ['plays.txt', 'holds text', 'lm_basics_prepare']),
+    'data-text-as-npy':         lambda t, c, e: (data(c, val=text_file(t, c, 'plays.npy')), ['plays.npy', 'holds text', 'lm_basics_prepare']),
+    'data-npy-renamed-bin':     lambda t, c, e: (data(c, train=renamed(c.path('train', 'npy'), t/'train.bin')), ['train.bin', '.npy header', 'rename it to train.npy']),
+    'data-npz-named-npy':       lambda t, c, e: (data(c, val=npz_named_npy(t)), ['arch.npy', 'zip archive', '.npz'], dict(absent=['allow_pickle'])),
+    'data-random-bytes-npy':    lambda t, c, e: (data(c, train=write(t/'rand.npy', b'\x00' + random.Random(0).randbytes(5000))), ['rand.npy', 'not a valid .npy token file'],
+                                                 dict(absent=['allow_pickle', 'pickle'])),
+    'data-truncated-npy':       lambda t, c, e: (data(c, val=cut(c.path('val', 'npy'), t/'cut.npy', lambda n: n - 1001)), ['cut.npy', 'truncated', 'prepare it again']),
+    'data-uint16-read-as-uint32': lambda t, c, e: (['--data_dtype', 'uint32', *data(c, train=raw_ids(t, c, 'train', 'uint16'), val=raw_ids(t, c, 'val', 'uint16'))],
+                                                   ['train.bin', 'far past vocab_size 256', 'is --data_dtype uint32 right'], dict(absent=['or more (the largest'])),
+    'data-wrong-dtype-meta-json': lambda t, c, e: (['--data_dtype', 'uint32', *data(c, train=raw_ids(t, c, 'train', 'uint16', 'uint16'), val=raw_ids(t, c, 'val', 'uint16'))],
+                                                   ['train.bin', 'meta.json says uint16']),
+    'data-uint32-read-as-uint16': lambda t, c, e: (data(c, train=raw_ids(t, c, 'train', 'uint32'), val=raw_ids(t, c, 'val', 'uint32')),
+                                                   ['train.bin', 'every second token id is 0', '--data_dtype uint32']),
     'data-shorter-than-context': lambda t, c, e: (data(c, val=write(t/'short.npy', np.arange(20, dtype=np.uint16))), ['short.npy', '20 tokens', 'context_length 32']),
     # flags
     'flag-unknown':             lambda t, c, e: (['--d_modle', '64'], ['--d_modle']),
@@ -113,6 +160,21 @@ CASES = {
     'muon-with-fsdp':           lambda t, c, e: (['--optimizer', 'muon', '--fsdp'], ['--optimizer muon needs whole matrices', '--fsdp']),
     'fsdp-without-torchrun':    lambda t, c, e: (['--fsdp'], ['error: --fsdp shards the model across processes', 'launch with torchrun']),
     'skip-nonfinite-without-check': lambda t, c, e: (['--no-check_finite', '--skip_nonfinite', '2'], ['--skip_nonfinite needs the check before every update']),
+    # settings that would do nothing, named with what makes them so
+    'dataset-with-data-paths':  lambda t, c, e: (['--dataset', 'shakespeare_bytes'], ['--dataset', '--train_data_path', 'do nothing']),
+    **{f'muon-setting-without-muon[{k}]': (lambda k: lambda t, c, e: ([f'--{k}', '0.02'], [f'--{k}', "optimizer (the default) = 'adamw'", '--optimizer muon']))(k)
+       for k in ('muon_lr', 'muon_momentum', 'muon_weight_decay')},
+    'decay_frac-without-wsd':   lambda t, c, e: (['--decay_frac', '0.3'], ['--decay_frac', "lr_schedule (the default) = 'cosine'", '--lr_schedule wsd']),
+    'checkpoint_dir-empty':     lambda t, c, e: (['--checkpoint_dir', ''], ['checkpoint_dir is empty']),
+    'resume-muon-setting-on-adamw-checkpoint': lambda t, c, e: (['--checkpoint_dir', e, '--resume', 'auto', '--max_iters', '40', '--muon_lr', '0.02'],
+                                                                ['--muon_lr', 'checkpoint_iter_20.pt', "'adamw'"]),
+    # numbers no run could finish with, or that would overflow
+    'total_batch_size-2**70':   lambda t, c, e: (['--total_batch_size', str(2**70)], ['total_batch_size 1,180,591,620,717,411,303,424 is too large']),
+    'total_batch_size-2**40':   lambda t, c, e: (['--total_batch_size', str(2**40)], ['total_batch_size 1,099,511,627,776', 'micro-steps', 'lower --total_batch_size'],
+                                                 dict(absent=['out of memory', '--batch_size'])),
+    'total_batch_size-2**31':   lambda t, c, e: (['--total_batch_size', str(2**31)], ['total_batch_size 2,147,483,648', 'micro-steps', 'lower --total_batch_size']),
+    'gradient_accumulation_steps-2**24': lambda t, c, e: (['--gradient_accumulation_steps', '16777216'], ['gradient_accumulation_steps 16,777,216 is too large', '65,536']),
+    'eval_iters-2**31':         lambda t, c, e: (['--eval_iters', str(2**31)], ['eval_iters 2,147,483,648 is too large', '65,536']),
     'device-unavailable':       lambda t, c, e: (['--device', NO_SUCH_DEVICE], [f"'{NO_SUCH_DEVICE}'", 'not available']),
     # config files
     'config-unknown-key':       lambda t, c, e: (['--config', write(t/'bad.json', '{"d_modle": 32}')], ['bad.json', "'d_modle'", 'd_model']),
@@ -120,12 +182,15 @@ CASES = {
     'config-wrong-type':        lambda t, c, e: (['--config', write(t/'bad.json', '{"batch_size": "sixteen"}')], ['bad.json', 'batch_size', "'sixteen'"]),
     'config-duplicate-key':     lambda t, c, e: (['--config', write(t/'bad.json', '{"d_model": 64, "d_model": 128}')], ['bad.json', "'d_model'", 'appears more than once']),
     'config-is-a-directory':    lambda t, c, e: (['--config', (t/'configs').mkdir() or t/'configs'], ['configs', 'is a directory']),
+    'config-nested-100000-deep': lambda t, c, e: (['--config', write(t/'deep.json', '{"wandb_tags": ' + '[' * 100_000 + ']' * 100_000 + '}')], ['deep.json', 'too deeply']),
+    'config-5000-digit-number': lambda t, c, e: (['--config', write(t/'big.json', '{"seed": 1' + '0' * 5000 + '}')], ['big.json', 'cannot read']),
+    'config-path-of-no-such-user': lambda t, c, e: (['--config', write(t/'home.json', '{"checkpoint_dir": "~no_such_user_lmb/run"}')], ['home.json', 'no such user']),
     'config-d_model-too-large': lambda t, c, e: (['--config', write(t/'bad.json', '{"d_model": 1e20}')], ['d_model', 'too large'], dict(drop=['d_model'])),
     # checkpoints
     'resume-missing-checkpoint': lambda t, c, e: (['--checkpoint_dir', e, '--resume_from', e/'checkpoint_iter_999.pt'], ['checkpoint_iter_999.pt', 'not found']),
     'resume-truncated-checkpoint': lambda t, c, e: (['--resume_from', cut(e/'checkpoint_iter_20.pt', t/'trunc.pt', lambda n: n // 2)], ['trunc.pt', 'checkpoint']),
     'resume-empty-checkpoint':  lambda t, c, e: (['--resume_from', write(t/'empty.pt', b'')], ['empty.pt']),
-    'resume-garbage-checkpoint': lambda t, c, e: (['--resume_from', write(t/'garbage.pt', os.urandom(5000))], ['garbage.pt', 'checkpoint']),
+    'resume-garbage-checkpoint': lambda t, c, e: (['--resume_from', write(t/'garbage.pt', random.Random(0).randbytes(5000))], ['garbage.pt', 'checkpoint']),
     'resume-foreign-checkpoint': lambda t, c, e: (['--resume_from', foreign(t)], ['foreign.pt', 'not an lm_basics checkpoint']),
     'resume-configless-checkpoint-other-weights': lambda t, c, e: (['--resume_from', configless(t, e), '--d_model', '64', '--max_iters', '40'], ['fit']),
     **{f'resume-checkpoint-that-runs-code[{fmt}]': (lambda fmt: lambda t, c, e: (['--resume_from', code_running(t, fmt)],
@@ -166,11 +231,12 @@ def answers(tmp_path_factory, corpus, existing, lm) -> dict:
         args, needles, *opts = CASES[cid](inputs, corpus, existing)
         opts = opts[0] if opts else {}
         if opts.get('unprivileged') and not lm.can_drop_file_permissions(): return None
-        argv = [*data(corpus), *lm.tiny_flags(vocab_size=256, **{k: None for k in opts.get('drop', ())}), '--no-plot',
-                '--checkpoint_dir', fresh, *args]
+        argv = command_line([*data(corpus), *lm.tiny_flags(vocab_size=256, **{k: None for k in opts.get('drop', ())}), '--no-plot',
+                             '--checkpoint_dir', fresh], args)
         before = lm.snapshot(t, existing, corpus.dir)
         run = lm.run(*argv, cwd=t, unprivileged=opts.get('unprivileged', False))
-        return dict(run=run, needles=needles, before=before, after=lm.snapshot(t, existing, corpus.dir), fresh=fresh.exists(), inputs=inputs)
+        return dict(run=run, needles=needles, absent=opts.get('absent', ()), before=before, after=lm.snapshot(t, existing, corpus.dir),
+                    fresh=fresh.exists(), inputs=inputs)
     ids = [*OOM_CASES, *CASES]   # the slowest first
     return dict(zip(ids, lm.in_parallel(one, ids)))
 
@@ -180,7 +246,8 @@ def test_bad_input_is_one_clear_line(case, answers, lm):
     a = answers[case]
     if a is None: lm.need_unprivileged()
     run = a['run']
-    run.error(*a['needles'])   # exit 2, exactly one stderr line 'error: ...' holding the needles, no traceback
+    line = run.error(*a['needles'])   # exit 2, exactly one stderr line 'error: ...' holding the needles, no traceback
+    for n in a['absent']: assert n not in line, f"{n!r} in {line!r}"
     assert not re.search(r'^(Iter|\[EVAL\]|\[CHECKPOINT\])', run.stdout, re.M), run
     assert a['after'] == a['before'], f"files changed by a refused run: {lm.changes(a['before'], a['after'])}\n{run!r}"
     assert not a['fresh'], f"the fresh --checkpoint_dir was created\n{run!r}"

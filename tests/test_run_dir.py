@@ -17,7 +17,7 @@ files (the Shakespeare plays as bytes) doing what careful and careless users do.
 | `--sample_tokens` with no tokenizer beside the data | refused before training; a run directory keeps its own tokenizer, which generation prefers | `test_sample_needs_a_tokenizer_and_the_run_keeps_its_own` |
 | a planned run trained in chunks (`--lr_decay_iters`) | bit-identical to one uninterrupted run, with the same records | `test_training_in_chunks_is_one_run` |
 """
-import json, os, re, shutil, signal, subprocess, sys, time
+import json, os, random, re, shutil, signal, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -152,7 +152,7 @@ def test_resume_from_a_copy_writes_beside_the_copy(lm, corpus, finished, tmp_pat
 
 def test_stray_checkpoint_file_is_never_counted_or_deleted(lm, corpus, finished, tmp_path):
     d = shutil.copytree(finished, tmp_path/'stray')
-    stray = d/'checkpoint_iter_99999999.pt'; stray.write_bytes(os.urandom(5000))
+    stray = d/'checkpoint_iter_99999999.pt'; stray.write_bytes(random.Random(0).randbytes(5000))
     r = lm.run(*flags(lm, corpus, max_iters=50, keep_last=1), '--checkpoint_dir', d, '--resume', 'auto', cwd=tmp_path).ok()
     assert f"Resumed from {d/'checkpoint_iter_40.pt'} at iteration 40" in r.stdout
     assert its(d) == [50, 99999999] and stray.read_bytes() and read_checkpoint(d/'checkpoint_iter_50.pt')['iteration'] == 50

@@ -11,10 +11,10 @@ import torch
 from .core import LMBasicsError, resolve_device, cache_dir
 
 # %% auto #0
-__all__ = ['INT_DTYPES', 'NPY_MAGIC', 'ZIP_MAGIC', 'WIDER', 'SEEN_CHANGED', 'BUILTIN_DATASETS', 'looks_like_text', 'open_tokens',
-           'save_tokens', 'release_pages', 'check_token_ids', 'raw_dtype_hint', 'load_tokens', 'DataChanged',
-           'check_unchanged', 'data_changed', 'changed_elsewhere', 'get_batch', 'BatchPrefetcher', 'rss_mb',
-           'peak_rss_mb', 'shakespeare_plays', 'builtin_dataset']
+__all__ = ['INT_DTYPES', 'NPY_MAGIC', 'ZIP_MAGIC', 'WIDER', 'BUILTIN_DATASETS', 'looks_like_text', 'open_tokens', 'save_tokens',
+           'release_pages', 'check_token_ids', 'raw_dtype_hint', 'load_tokens', 'DataChanged', 'check_unchanged',
+           'data_changed', 'changed_elsewhere', 'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb',
+           'shakespeare_plays', 'builtin_dataset']
 
 # %% ../nbs/01_data.ipynb #3e576d4c
 INT_DTYPES = ('uint8', 'uint16', 'uint32', 'uint64', 'int16', 'int32', 'int64')
@@ -246,8 +246,6 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
     return x.to(device), y.to(device)
 
 # %% ../nbs/01_data.ipynb #4e38f469
-SEEN_CHANGED = 1 << 8   # in `BatchPrefetcher.agree`'s vote, above every signal number: a token file changed
-
 class BatchPrefetcher:
     "Batches from `get_batch`, fetched one ahead, so that the next batch's gather and host→device copy overlap the current step."
     def __init__(self, data:np.ndarray, # 1-D token array (usually a memmap)
@@ -257,11 +255,10 @@ class BatchPrefetcher:
                  generator:torch.Generator, # CPU generator the start positions are drawn from (advanced as batches are fetched)
                  rank:int=0, world_size:int=1, # as in `get_batch`
                  accum:int=1, # micro-steps per optimizer step: their batches are slices of one draw
-                 vote=None): # under torchrun, `flag -> the largest flag of all ranks`: every rank raises at the same `next()`
+                ):
         self.args = (data, batch_size, context_length, device)
-        self.generator, self.rank, self.world, self.accum, self.vote = generator, rank, world_size, accum, vote
+        self.generator, self.rank, self.world, self.accum = generator, rank, world_size, accum
         self.pending, self.micro, self.step_state, self.error = None, 0, None, None   # micro: the micro-step the next fetch is for
-        self.agreed = False   # the ranks have voted on the batch fetched ahead (`agree`)
 
     def prefetch(self):
         "Fetch the next batch now (once), while the device is busy with the current step."
@@ -275,24 +272,9 @@ class BatchPrefetcher:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         "The next `(x, y)`: the one fetched ahead, or a fresh one."
         self.prefetch()
-        if self.vote is not None and not self.agreed and self.vote(int(self.error is not None)) and self.error is None:
-            self.error = changed_elsewhere(self.args[0])   # another rank saw it
-        self.agreed = False
         if self.error is not None: raise self.error
         batch, self.pending = self.pending, None
         return batch
-
-    def agree(self, flag:int=0, # this rank's own vote (a signal number, 0 for none)
-             ) -> int:
-        """The vote the ranks take at the end of every step (with `vote`; alone, `flag` itself): the largest `flag`, and
-        whether any rank saw its token file change while fetching the next batch, which then raises on every rank at the
-        next `next()`. That batch needs no vote of its own: with one micro-batch per step, the check costs no collective."""
-        if self.vote is None: return flag
-        if self.pending is None and self.error is None: return self.vote(flag)   # nothing fetched ahead to agree on
-        v = self.vote(flag + SEEN_CHANGED * (self.error is not None))
-        if v >= SEEN_CHANGED and self.error is None: self.error = changed_elsewhere(self.args[0])
-        self.agreed = True
-        return v % SEEN_CHANGED
 
     def generator_state(self) -> torch.Tensor:
         "The generator's state at the start of the step not yet trained on (nothing fetched ahead): what a checkpoint saves."

@@ -638,6 +638,13 @@ def snapshot(*roots) -> dict:
                 out[str(p)] = ('file', oct(st.st_mode), st.st_size, st.st_mtime_ns, digest)
     return out
 
+def mount_small_tmpfs(where:Path, size:int):
+    "Mount a tmpfs of `size` bytes at `where` (a full disk on demand); skip (fail in CI) where that needs root we lack."
+    where.mkdir(parents=True, exist_ok=True)
+    if not IS_ROOT: missing_tool("simulating a full disk mounts a small tmpfs, which needs root")
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(where)], capture_output=True, text=True)
+    if r.returncode != 0: missing_tool(f"simulating a full disk mounts a small tmpfs, and mount failed: {r.stderr.strip()}")
+
 def changes(before:dict, after:dict) -> dict:
     "What differs between two snapshots: {path: (before, after)}."
     return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
@@ -654,6 +661,7 @@ class Helpers:
     need_unprivileged = staticmethod(need_unprivileged)
     can_drop_file_permissions = staticmethod(can_drop_file_permissions)
     changes = staticmethod(changes)
+    mount_small_tmpfs = staticmethod(mount_small_tmpfs)
     make_workspace = staticmethod(make_workspace)
     run = staticmethod(run_cli)
     start = staticmethod(start_cli)

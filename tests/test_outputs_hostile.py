@@ -34,12 +34,6 @@ def one_error(rc:int, err:str) -> str:
     assert sum(l.startswith('error: ') for l in lines) == 1, err
     return lines[-1]
 
-def mount_small_tmpfs(where:Path, size:int, lm):
-    "Mount a tmpfs of `size` bytes at `where` (a full disk on demand); skip (fail in CI) where that needs root we lack."
-    where.mkdir(parents=True, exist_ok=True)
-    if not lm.IS_ROOT: lm.missing_tool("simulating a full disk mounts a small tmpfs, which needs root")
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(where)], capture_output=True, text=True)
-    if r.returncode != 0: lm.missing_tool(f"simulating a full disk mounts a small tmpfs, and mount failed: {r.stderr.strip()}")
 
 
 # ---------------------------------------------------------------------------------------------------- a reader that leaves
@@ -80,7 +74,7 @@ def test_generate_to_a_full_disk_is_one_error(byte_run, tmp_path, lm):
 def test_export_to_a_full_disk_leaves_everything_as_it_was(byte_run, tmp_path, lm):
     "An export onto a full disk: one error naming the cause; no temporary left; the export it was to replace (--force) untouched."
     mnt = tmp_path/'small'
-    mount_small_tmpfs(mnt, 64 * 1024, lm)   # the weights alone need over 100 KB
+    lm.mount_small_tmpfs(mnt, 64 * 1024)   # the weights alone need over 100 KB
     try:
         (mnt/'hf').mkdir(); (mnt/'hf'/'config.json').write_text('an earlier export')
         before = lm.snapshot(mnt)

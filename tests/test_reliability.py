@@ -281,12 +281,6 @@ def test_keep_last_and_keep_every(reference, extended, preempted):
 
 # ---------------------------------------------------------------------------- 6. save fails: disk, permissions
 
-def mount_small_tmpfs(where:Path, size:int, lm):
-    "Mount a tmpfs of `size` bytes at `where` (a full disk on demand); skip (fail in CI) where that needs root we lack."
-    where.mkdir(parents=True, exist_ok=True)
-    if not lm.IS_ROOT: lm.missing_tool("simulating a full disk mounts a small tmpfs, which needs root")
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(where)], capture_output=True, text=True)
-    if r.returncode != 0: lm.missing_tool(f"simulating a full disk mounts a small tmpfs, and mount failed: {r.stderr.strip()}")
 
 @pytest.mark.parametrize('how', ['read-only directory', 'full disk'])
 def test_checkpoint_save_failure_is_a_clear_error(tmp_path, short_run, base, lm, how):
@@ -295,7 +289,7 @@ def test_checkpoint_save_failure_is_a_clear_error(tmp_path, short_run, base, lm,
     if how == 'full disk':
         ck_size = (short_run/f'checkpoint_iter_{K}.pt').stat().st_size
         used = sum(-(-p.stat().st_size // 4096) * 4096 for p in short_run.iterdir())
-        mount_small_tmpfs(tmp_path/'small', used + ck_size // 2 + 16384, lm)
+        lm.mount_small_tmpfs(tmp_path/'small', used + ck_size // 2 + 16384)
         mounted = tmp_path/'small'
         d = copy_run(short_run, mounted/'run')
     else:
@@ -319,7 +313,7 @@ def test_checkpoint_save_failure_is_a_clear_error(tmp_path, short_run, base, lm,
 
 def test_disk_full_while_logging_is_a_clear_error(tmp_path, base, lm):
     mnt = tmp_path/'tiny'
-    mount_small_tmpfs(mnt, 12 * 1024, lm)
+    lm.mount_small_tmpfs(mnt, 12 * 1024)
     try:
         p = lm.run(*base, '--max_iters', 400, '--checkpoint_interval', 1000, '--checkpoint_dir', mnt/'run', cwd=tmp_path)
         p.error('No space left')
@@ -331,7 +325,7 @@ def test_disk_full_while_preparing_is_a_clear_error(tmp_path, lm):
     texts = tmp_path/'texts'; texts.mkdir()
     for n, t in list(shakespeare_plays().items())[:6]: (texts/f'{n}.txt').write_text(t)   # about 0.7 MB of text
     mnt = tmp_path/'tiny'
-    mount_small_tmpfs(mnt, 256 * 1024, lm)   # its token files alone need about 0.75 MB
+    lm.mount_small_tmpfs(mnt, 256 * 1024)   # its token files alone need about 0.75 MB
     try:
         r = lm.run(texts, '--out', mnt/'data', '--vocab_size', 512, '--no-progress', cwd=tmp_path, script='lm_basics_prepare')
         r.error('cannot write the prepared data', str(mnt/'data'), 'No space left', 'free disk space', 'nothing was kept')

@@ -12,7 +12,7 @@ tests/test_notebooks.py compares with the notebook's current code; then it is cl
 (settings.ini keeps the `lm_basics` metadata key; execution counts go, outputs stay). Outputs that name this machine
 (the repository's path, a temporary directory, the home directory) are reported, for the notebook to avoid.
 
-Usage: python tools/run_notebooks.py [--skip_slow] [NB ...]     (default: every nbs/*.ipynb)
+Usage: python tools/run_notebooks.py [--skip_slow] [--timing] [NB ...]     (default: every nbs/*.ipynb)
 """
 from __future__ import annotations
 import argparse, hashlib, json, os, re, subprocess, sys, tempfile, time
@@ -57,7 +57,7 @@ def _texts(out:dict):
         if k.startswith('text/'): yield ''.join(v) if isinstance(v, list) else v
     yield from out.get('traceback', [])
 
-def run_one(path:Path, skip_slow:bool=False) -> int:
+def run_one(path:Path, skip_slow:bool=False, timing:bool=False) -> int:
     "Execute the notebook at `path` and write it back with its outputs and stamp (in this process); 0 if it ran whole."
     os.environ.setdefault('IPYTHONDIR', tempfile.mkdtemp(prefix='lm_basics_ipython_'))
     os.environ.update(WANDB_MODE='offline', MPLBACKEND='Agg', IN_TEST='1')
@@ -126,6 +126,8 @@ def run_one(path:Path, skip_slow:bool=False) -> int:
                     if s in text: found.setdefault(c['id'], set()).add(what)
     slow = [(s, i) for s, i, c in times if s > SLOW_CELL and not (test_flags & (getattr(c, 'directives_', {}) or {}).keys())]
     print(f'{rel}: {n_run} cells run, {n_skip} skipped, {time.perf_counter() - t0:.1f} s; outputs and stamp written')
+    if timing:
+        for s, i, c in sorted(times, key=lambda t: -t[0])[:5]: print(f'  cell #{i}: {s:.1f} s')
     for s, i in slow: print(f'  note: cell #{i} took {s:.0f} s and nbdev_test runs it; mark it #| slow if it must be slow')
     for cid, whats in found.items():
         print(f"  note: cell id {cid}'s output shows {', '.join(sorted(whats))} (machine-specific; avoid printing it)")
@@ -136,16 +138,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('notebooks', nargs='*', help='notebooks to run (default: every nbs/*.ipynb)')
     p.add_argument('--skip_slow', '--skip-slow', action='store_true', help='do not run #| slow cells (as nbdev_test)')
+    p.add_argument('--timing', action='store_true', help="print each notebook's five slowest cells")
     p.add_argument('--_one', action='store_true', help=argparse.SUPPRESS)   # run one notebook in this process
     a = p.parse_args(argv)
     paths = [Path(n) for n in a.notebooks] or sorted(NBS.glob('*.ipynb'))
     for n in paths:
         if not n.is_file() or n.suffix != '.ipynb':
             print(f'error: {n}: not a notebook file (give paths like nbs/00_core.ipynb)', file=sys.stderr); return 2
-    if a._one: return run_one(paths[0].resolve(), a.skip_slow)
+    if a._one: return run_one(paths[0].resolve(), a.skip_slow, a.timing)
     for n in paths:   # each in a fresh process: no state (imports, seeds, signal handlers) leaks between notebooks
-        env = {**os.environ, 'PYTHONHASHSEED': '0'}   # sets print in one order
-        rc = subprocess.run([sys.executable, __file__, '--_one', *(['--skip_slow'] if a.skip_slow else []), str(n)],
+        # sets print in one order; argparse's help and progress bars are as wide as in any terminal, not this one
+        env = {**os.environ, 'PYTHONHASHSEED': '0', 'COLUMNS': '100', 'LINES': '40'}
+        flags = ['--skip_slow'] * a.skip_slow + ['--timing'] * a.timing
+        rc = subprocess.run([sys.executable, __file__, '--_one', *flags, str(n)],
                             env=env).returncode
         if rc:
             print(f'error: {n} failed (see above); notebooks after it were not run', file=sys.stderr); return 1

@@ -33,6 +33,7 @@ class TrainConfig:
     context_length:int=256 # maximum context length
     d_model:int=512 # model dimension
     num_heads:int=8 # number of attention heads
+    num_kv_heads:int|None=None # key/value heads, shared by groups of query heads (grouped-query attention); unset: num_heads
     d_ff:int=2048 # feed-forward dimension
     num_layers:int=6 # number of transformer layers
     rope_theta:float=10000.0 # RoPE theta parameter

@@ -64,21 +64,22 @@ def pairs_to_halves(w:torch.Tensor, # (nh*h, d) query or key projection, head af
 
 # %% ../nbs/12_export.ipynb #c4456d1a
 def hf_state_dict(state_dict:dict, # our model's weights (`model.state_dict()`)
-                  config:dict, # its architecture: num_layers, num_heads, d_model, tie_embeddings
+                  config:dict, # its architecture: num_layers, num_heads, num_kv_heads, d_model, tie_embeddings
                   dtype:torch.dtype=torch.float32, # dtype of the returned tensors
                  ) -> dict[str, torch.Tensor]:
     "The weights of a `LlamaForCausalLM` equal to our model: renamed, qkv split, queries and keys reordered for RoPE by halves."
     sd, d, nh = dict(state_dict), config['d_model'], config['num_heads']
+    kv = config.get('num_kv_heads') or nh   # (unset, or older checkpoints: plain multi-head)
     def take(name):
         if name not in sd: raise LMBasicsError(f"the checkpoint has no weight {name}; export a checkpoint saved by lm_basics_train")
         return sd.pop(name)
     out = {'model.embed_tokens.weight': take('token_embeddings.weight')}
     for i in range(config['num_layers']):
         p, hf = f'layers.{i}.', f'model.layers.{i}.'
-        q, k, v = take(p + 'attn.qkv.weight').split(d)          # (d, d) each: the fused projection stacks q, k, v
+        q, k, v = take(p + 'attn.qkv.weight').split([d, kv * (d // nh), kv * (d // nh)])   # the fused projection stacks q, k, v
         out |= {hf + 'input_layernorm.weight': take(p + 'ln1.weight'),
                 hf + 'self_attn.q_proj.weight': pairs_to_halves(q, nh),
-                hf + 'self_attn.k_proj.weight': pairs_to_halves(k, nh),
+                hf + 'self_attn.k_proj.weight': pairs_to_halves(k, kv),
                 hf + 'self_attn.v_proj.weight': v,
                 hf + 'self_attn.o_proj.weight': take(p + 'attn.proj.weight'),
                 hf + 'post_attention_layernorm.weight': take(p + 'ln2.weight'),
@@ -103,7 +104,7 @@ def llama_config(config:dict, # the checkpoint's config
     d, nh, theta = config['d_model'], config['num_heads'], float(config.get('rope_theta', 10000.0))
     return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=config['vocab_size'], hidden_size=d,
                 intermediate_size=config['d_ff'], num_hidden_layers=config['num_layers'], num_attention_heads=nh,
-                num_key_value_heads=nh, head_dim=d // nh, hidden_act='silu', rms_norm_eps=1e-5,
+                num_key_value_heads=config.get('num_kv_heads') or nh, head_dim=d // nh, hidden_act='silu', rms_norm_eps=1e-5,
                 max_position_embeddings=config['context_length'], rope_theta=theta,
                 rope_parameters={'rope_type': 'default', 'rope_theta': theta}, attention_bias=False, attention_dropout=0.0,
                 mlp_bias=False, tie_word_embeddings=bool(config.get('tie_embeddings', False)), bos_token_id=eot_id,
@@ -203,6 +204,9 @@ def training_command(config:dict, # the checkpoint's config
 
 # %% ../nbs/12_export.ipynb #af387146
 def _row(name, value): return f"| {name} | {value} |"
+def _kv_heads(cfg):
+    kv = cfg.get('num_kv_heads') or cfg['num_heads']
+    return f" sharing {kv} key/value heads (grouped-query attention)" if kv != cfg['num_heads'] else ''
 
 def model_card(ckpt:dict, # the checkpoint: config, iteration, train_state
                params:dict, # `count_parameters` of the model
@@ -219,7 +223,8 @@ def model_card(ckpt:dict, # the checkpoint: config, iteration, train_state
     emb = 'the embedding is the output layer' if cfg.get('tie_embeddings') else f"{params['non_embedding']:,} without the embedding"
     rows = [_row('parameters', f"{params['total']:,} ({emb})"),
             _row('layers', cfg['num_layers']), _row('model width (`hidden_size`)', d),
-            _row('attention', f"{nh} heads of {d // nh} features, causal, rotary position embeddings (θ = {cfg.get('rope_theta', 10000.0):g})"),
+            _row('attention', f"{nh} heads of {d // nh} features{_kv_heads(cfg)}, causal, rotary position embeddings "
+                              f"(θ = {cfg.get('rope_theta', 10000.0):g})"),
             _row('feed-forward', f"SwiGLU, {cfg['d_ff']} hidden units"), _row('normalisation', 'RMSNorm before each block and at the end (ε = 1e-5)'),
             _row('context length', f"{cfg['context_length']} tokens"), _row('vocabulary', f"{cfg['vocab_size']:,} (tokenizer: {tokenizer})"),
             _row('embeddings', 'tied to the output layer' if cfg.get('tie_embeddings') else 'separate from the output layer'),

@@ -75,37 +75,44 @@ class RotaryEmbedding(nn.Module):
 
 # %% ../nbs/02_model.ipynb #d8f659b0
 class CausalSelfAttention(nn.Module):
-    "Multi-head causal self-attention with RoPE (and optionally QK-norm) and no biases."
+    "Causal self-attention with RoPE (optionally QK-norm and grouped key/value heads) and no biases."
     def __init__(self, d_model:int, # width of the residual stream
                  num_heads:int, # attention heads (must divide d_model)
                  rope:RotaryEmbedding, # the rotary embedding for head size d_model/num_heads
                  qk_norm:bool=False, # RMS-normalise each head's queries and keys before RoPE
+                 num_kv_heads:int|None=None, # key/value heads, each shared by num_heads/num_kv_heads query heads (None: num_heads)
                 ):
         super().__init__()
         if d_model % num_heads: raise ValueError(f"num_heads ({num_heads}) must divide d_model ({d_model})")
-        self.num_heads, self.rope = num_heads, rope
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        kv = num_kv_heads or num_heads
+        if num_heads % kv: raise ValueError(f"num_kv_heads ({kv}) must divide num_heads ({num_heads})")
+        self.num_heads, self.num_kv_heads, self.rope = num_heads, kv, rope
+        hs = d_model // num_heads
+        self.sizes = (d_model, kv * hs, kv * hs)                                   # rows of q, k and v in the fused projection
+        self.qkv = nn.Linear(d_model, sum(self.sizes), bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
-        if qk_norm: self.q_norm, self.k_norm = RMSNorm(d_model // num_heads), RMSNorm(d_model // num_heads)
+        if qk_norm: self.q_norm, self.k_norm = RMSNorm(hs), RMSNorm(hs)
         else: self.q_norm = self.k_norm = None
     def forward(self, x, # (B, T, d)
                 positions=None, # (T,) absolute positions (with a cache)
                 kv_cache:dict|None=None, # {'k','v'}: earlier keys/values, extended in place
                ):
         B, T, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)                                     # (B, T, d) each
-        q, k, v = (t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)                            # (B, T, d), (B, T, nkv*hs) twice
+        q = q.view(B, T, self.num_heads, -1).transpose(1, 2)                       # (B, nh, T, hs)
+        k, v = (t.view(B, T, self.num_kv_heads, -1).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hs)
         if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)          # unit RMS per head, times a gain
         q, k = self.rope(q, positions), self.rope(k, positions)
         if kv_cache is not None:
             if 'k' in kv_cache: k, v = torch.cat([kv_cache['k'], k], 2), torch.cat([kv_cache['v'], v], 2)
-            kv_cache['k'], kv_cache['v'] = k, v
+            kv_cache['k'], kv_cache['v'] = k, v                                    # nkv heads: the cache is nh/nkv times smaller
+        gqa = {'enable_gqa': True} if self.num_kv_heads != self.num_heads else {}   # query head j reads K/V head j // (nh/nkv)
         causal = kv_cache is None or k.shape[2] == T
-        if causal: y = F.scaled_dot_product_attention(q, k, v, is_causal=True)    # (B, nh, T, hs)
+        if causal: y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)   # (B, nh, T, hs)
         else:  # T new queries after S cached positions: query i sees keys 0 .. S+i
             S = k.shape[2] - T
             mask = torch.ones(T, S + T, dtype=torch.bool, device=x.device).tril(diagonal=S)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))                      # (B, T, d)
 
 # %% ../nbs/02_model.ipynb #f696ddda
@@ -143,10 +150,11 @@ class TransformerBlock(nn.Module):
                  rope:RotaryEmbedding, # the model's shared rotary embedding
                  qk_norm:bool=False, # RMS-normalise each head's queries and keys
                  activation:str='swiglu', # feed-forward: 'swiglu' or 'relu2'
+                 num_kv_heads:int|None=None, # key/value heads (None: num_heads)
                 ):
         super().__init__()
         if activation not in FEED_FORWARDS: raise ValueError(f"activation must be {' or '.join(ACTIVATIONS)}, got {activation!r}")
-        self.ln1, self.attn = RMSNorm(d_model), CausalSelfAttention(d_model, num_heads, rope, qk_norm)
+        self.ln1, self.attn = RMSNorm(d_model), CausalSelfAttention(d_model, num_heads, rope, qk_norm, num_kv_heads)
         self.ln2, self.ffn = RMSNorm(d_model), FEED_FORWARDS[activation](d_model, d_ff)
     def forward(self, x, positions=None, kv_cache=None):
         x = x + self.attn(self.ln1(x), positions, kv_cache)
@@ -165,6 +173,7 @@ def check_model_args(vocab_size:int, # number of distinct token ids
                      tie_embeddings:bool=False, # share the embedding matrix with the LM head
                      qk_norm:bool=False, # RMS-normalise queries and keys per head
                      activation:str='swiglu', # feed-forward: 'swiglu' or 'relu2'
+                     num_kv_heads:int|None=None, # key/value heads (None: num_heads); must divide num_heads
                     ):
     "Raise `LMBasicsError` naming the first architecture setting that cannot build a model, and the fix."
     sizes = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
@@ -177,6 +186,13 @@ def check_model_args(vocab_size:int, # number of distinct token ids
     if d_model % num_heads:
         h = max(h for h in range(1, min(num_heads, d_model) + 1) if d_model % h == 0 and (d_model // h) % 2 == 0) if d_model % 2 == 0 else 1
         raise LMBasicsError(f"num_heads ({num_heads}) must divide d_model ({d_model}); try --num_heads {h}")
+    if num_kv_heads is not None:
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, numbers.Integral) or num_kv_heads < 1:
+            raise LMBasicsError(f"num_kv_heads must be a positive integer (or unset, for num_heads), got {num_kv_heads}")
+        if num_heads % num_kv_heads:
+            h = max(h for h in range(1, min(num_kv_heads, num_heads) + 1) if num_heads % h == 0)
+            raise LMBasicsError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}): each key/value head serves "
+                                f"an equal group of query heads; try --num_kv_heads {h}")
     if (hs := d_model // num_heads) % 2:
         raise LMBasicsError(f"the head size d_model/num_heads = {hs} must be even for RoPE; change --d_model or --num_heads")
     if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not (math.isfinite(rope_theta) and rope_theta > 0):
@@ -188,7 +204,7 @@ def check_model_args(vocab_size:int, # number of distinct token ids
 
 # %% ../nbs/02_model.ipynb #1106aee9
 MODEL_ARGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'rope_theta', 'tie_embeddings',
-              'qk_norm', 'activation')
+              'qk_norm', 'activation', 'num_kv_heads')
 
 class TransformerLM(nn.Module):
     "Decoder-only Transformer language model: token ids `(B, T)` to next-token logits `(B, T, vocab_size)`."
@@ -202,15 +218,17 @@ class TransformerLM(nn.Module):
                  tie_embeddings:bool=False, # share the embedding matrix with the LM head
                  qk_norm:bool=False, # RMS-normalise each head's queries and keys before RoPE
                  activation:str='swiglu', # feed-forward: 'swiglu' (three matrices) or 'relu2' (two)
+                 num_kv_heads:int|None=None, # key/value heads, each shared by a group of query heads (None: num_heads)
                 ):
         super().__init__()
-        check_model_args(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, tie_embeddings, qk_norm, activation)
+        check_model_args(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, tie_embeddings, qk_norm, activation,
+                         num_kv_heads)
         self.config = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model, num_layers=num_layers,
                            num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
-                           qk_norm=qk_norm, activation=activation)
+                           qk_norm=qk_norm, activation=activation, num_kv_heads=num_kv_heads or num_heads)
         self.rope = RotaryEmbedding(d_model // num_heads, context_length, rope_theta)
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, self.rope, qk_norm, activation)
+        self.layers = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, self.rope, qk_norm, activation, num_kv_heads)
                                      for _ in range(num_layers)])
         self.ln_final = RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)

@@ -4,7 +4,7 @@ continuations and token ids.
 
 Two trained models cover the cases: `bytes` (built-in byte-level data, tied embeddings, 2 layers, d_model 48 with 2 heads
 of 24 features) and `bpe` (a BPE tokenizer made by `lm_basics_prepare` from Shakespeare, untied embeddings, d_model 32 with
-4 heads of 8). Neither head count is d_model/64 (the usual head size of 64), so the per-head RoPE reordering is
+4 query heads of 8 sharing 2 key/value heads: grouped-query attention). Neither head count is d_model/64 (the usual head size of 64), so the per-head RoPE reordering is
 exercised with two other head sizes.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def models(tmp_path_factory, lm, plays) -> dict:
     for name in ('hamlet', 'macbeth'): (ws/'text'/f'{name}.txt').write_text(plays[name][:60000], encoding='utf-8')
     cli(lm, 'lm_basics_prepare', 'text', '--out', 'data', '--vocab_size', 300, '--no-progress', cwd=ws).ok()
     V = json.loads((ws/'data'/'meta.json').read_text())['vocab_size']
-    lm.run(*lm.tiny_flags(d_model=32, num_heads=4, num_layers=1, **steps),
+    lm.run(*lm.tiny_flags(d_model=32, num_heads=4, num_kv_heads=2, num_layers=1, **steps),   # grouped-query attention
            '--train_data_path', 'data/train.npy', '--val_data_path', 'data/val.npy', '--vocab_size', V,
            '--checkpoint_dir', 'bpe_run', *common, cwd=ws).ok()
     (ws/'elsewhere').mkdir()
@@ -96,7 +96,7 @@ def test_logits_match(models, tf, name):
     cfg = json.loads((m.out/'config.json').read_text())
     d, nh = m.config['d_model'], m.config['num_heads']
     assert (cfg['architectures'], cfg['hidden_size'], cfg['num_attention_heads'], cfg['num_key_value_heads'], cfg['head_dim']) == \
-           (['LlamaForCausalLM'], d, nh, nh, d // nh)
+           (['LlamaForCausalLM'], d, nh, {'bytes': nh, 'bpe': 2}[name], d // nh)   # the BPE model shares 2 key/value heads
     assert cfg['tie_word_embeddings'] == m.config['tie_embeddings'] == (name == 'bytes')
     assert (cfg['max_position_embeddings'], cfg['vocab_size'], cfg['rms_norm_eps'], cfg['hidden_act']) == (CONTEXT, m.config['vocab_size'], 1e-5, 'silu')
     from safetensors import safe_open

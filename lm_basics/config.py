@@ -40,6 +40,7 @@ class TrainConfig:
     tie_embeddings:bool=False # share the token embedding with the LM head
     qk_norm:bool=False # RMS-normalise each attention head's queries and keys before RoPE
     activation:str='swiglu' # feed-forward: swiglu (SwiGLU) or relu2 (squared ReLU; give it 1.5x the d_ff for the same parameters)
+    init_from:str|None=None # start from this transformers Llama directory: its architecture, weights and tokenizer
     # optimizer
     optimizer:str='adamw' # adamw, or muon (Muon for the matrices inside the blocks, AdamW for the rest)
     lr:float=6e-4 # maximum learning rate
@@ -164,7 +165,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     return cfg
 
 # %% ../nbs/08_config.ipynb #db6d101d
-PATH_SETTINGS = ('train_data_path', 'val_data_path', 'checkpoint_dir', 'resume_from')
+PATH_SETTINGS = ('train_data_path', 'val_data_path', 'checkpoint_dir', 'resume_from', 'init_from')
 
 def expand_path(name:str, # one of `PATH_SETTINGS`
                 value:str|None, # the path as given

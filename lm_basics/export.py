@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_export.ipynb #d3103ecb
 from __future__ import annotations
-import copy, errno, fcntl, importlib, json, os, re, shlex, shutil, sys
+import copy, errno, fcntl, json, os, re, shlex, shutil, sys
 from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -14,22 +14,13 @@ from .model import TransformerLM, MODEL_ARGS, count_parameters
 from .checkpoint import read_checkpoint, RunDir
 from .tokenize import EOT, load_tokenizer
 from .generate import ByteCodec, HFCodec, find_tokenizer
+from .pretrained import hf_module, hf_state_dict, llama_config, quiet_transformers, transformers_llama, logits_gap
 
 # %% auto #0
-__all__ = ['LLAMA_KEYS', 'DTYPES', 'COMMAND_KEYS', 'TMP_DIR', 'EXPORT_FILE', 'EXPORT_FLAGS', 'VERIFY_TEXT', 'hf_module',
-           'check_exportable', 'halves_order', 'pairs_to_halves', 'hf_state_dict', 'llama_config', 'generation_config',
-           'bytes_to_unicode', 'byte_tokenizer', 'tokenizer_files', 'save_safetensors', 'tokens_seen',
-           'training_command', 'model_card', 'find_checkpoint', 'checkpoint_codec', 'check_output_dir',
+__all__ = ['LLAMA_KEYS', 'DTYPES', 'COMMAND_KEYS', 'TMP_DIR', 'EXPORT_FILE', 'EXPORT_FLAGS', 'VERIFY_TEXT', 'check_exportable',
+           'generation_config', 'bytes_to_unicode', 'byte_tokenizer', 'tokenizer_files', 'save_safetensors',
+           'tokens_seen', 'training_command', 'model_card', 'find_checkpoint', 'checkpoint_codec', 'check_output_dir',
            'remove_stale_exports', 'export_hf', 'main', 'verify_export']
-
-# %% ../nbs/12_export.ipynb #0aa6abd7
-def hf_module(name:str, # a module of transformers or safetensors, e.g. 'safetensors.torch'
-             ):
-    "Import `name`, which only exporting needs; if it is missing, say how to install it."
-    try: return importlib.import_module(name)
-    except ImportError:
-        raise LMBasicsError(f"exporting to Hugging Face needs the {name.split('.')[0]} package, which is not installed; "
-                            f"pip install 'lm_basics[hf]'") from None
 
 # %% ../nbs/12_export.ipynb #ff927ab8
 LLAMA_KEYS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff')
@@ -48,67 +39,8 @@ def check_exportable(config:dict, # the `config` stored in the checkpoint
         raise LMBasicsError(f"{name} uses the {act!r} feed-forward, but a Llama's is SwiGLU; "
                             f"only models trained with --activation swiglu can be exported")
 
-# %% ../nbs/12_export.ipynb #2abd7ad4
-def halves_order(head_dim:int, # features per head (even)
-                ) -> torch.Tensor:
-    "The feature order (evens, then odds) under which RoPE's neighbour pairs `(2i, 2i+1)` become the halves pairs `(i, i + h/2)`."
-    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-
-# %% ../nbs/12_export.ipynb #dd23ede3
-def pairs_to_halves(w:torch.Tensor, # (nh*h, d) query or key projection, head after head along the rows
-                    num_heads:int, # attention heads
-                   ) -> torch.Tensor:
-    "Reorder the rows of each head so that RoPE by halves (transformers) computes what our RoPE by pairs does."
-    h = w.shape[0] // num_heads
-    return w.view(num_heads, h, -1)[:, halves_order(h)].reshape(w.shape)   # (nh, h, d) -> rows reordered per head
-
-# %% ../nbs/12_export.ipynb #c4456d1a
-def hf_state_dict(state_dict:dict, # our model's weights (`model.state_dict()`)
-                  config:dict, # its architecture: num_layers, num_heads, num_kv_heads, d_model, tie_embeddings
-                  dtype:torch.dtype=torch.float32, # dtype of the returned tensors
-                 ) -> dict[str, torch.Tensor]:
-    "The weights of a `LlamaForCausalLM` equal to our model: renamed, qkv split, queries and keys reordered for RoPE by halves."
-    sd, d, nh = dict(state_dict), config['d_model'], config['num_heads']
-    kv = config.get('num_kv_heads') or nh   # (unset, or older checkpoints: plain multi-head)
-    def take(name):
-        if name not in sd: raise LMBasicsError(f"the checkpoint has no weight {name}; export a checkpoint saved by lm_basics_train")
-        return sd.pop(name)
-    out = {'model.embed_tokens.weight': take('token_embeddings.weight')}
-    for i in range(config['num_layers']):
-        p, hf = f'layers.{i}.', f'model.layers.{i}.'
-        q, k, v = take(p + 'attn.qkv.weight').split([d, kv * (d // nh), kv * (d // nh)])   # the fused projection stacks q, k, v
-        out |= {hf + 'input_layernorm.weight': take(p + 'ln1.weight'),
-                hf + 'self_attn.q_proj.weight': pairs_to_halves(q, nh),
-                hf + 'self_attn.k_proj.weight': pairs_to_halves(k, kv),
-                hf + 'self_attn.v_proj.weight': v,
-                hf + 'self_attn.o_proj.weight': take(p + 'attn.proj.weight'),
-                hf + 'post_attention_layernorm.weight': take(p + 'ln2.weight'),
-                hf + 'mlp.gate_proj.weight': take(p + 'ffn.w1.weight'),
-                hf + 'mlp.up_proj.weight': take(p + 'ffn.w3.weight'),
-                hf + 'mlp.down_proj.weight': take(p + 'ffn.w2.weight')}
-    out['model.norm.weight'] = take('ln_final.weight')
-    if config.get('tie_embeddings'): sd.pop('lm_head.weight', None)   # tied: the embedding matrix is the head
-    else: out['lm_head.weight'] = take('lm_head.weight')
-    if sd: raise LMBasicsError(f"the checkpoint has weights a Llama has no place for ({', '.join(sorted(sd)[:4])}); "
-                               f"only the standard architecture (no qk_norm, SwiGLU) can be exported")
-    return {k: w.detach().to(dtype=dtype, copy=True).contiguous() for k, w in out.items()}   # copies: safetensors wants unshared tensors
-
-# %% ../nbs/12_export.ipynb #8e7b48d7
+# %% ../nbs/12_export.ipynb #199bc1b9
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-def llama_config(config:dict, # the checkpoint's config
-                 dtype:str='float32', # dtype of the exported weights
-                 eot_id:int|None=None, # id of <|endoftext|>, if the tokenizer has one
-                ) -> dict:
-    "The `config.json` of a `LlamaForCausalLM` with the architecture of `config`."
-    d, nh, theta = config['d_model'], config['num_heads'], float(config.get('rope_theta', 10000.0))
-    return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=config['vocab_size'], hidden_size=d,
-                intermediate_size=config['d_ff'], num_hidden_layers=config['num_layers'], num_attention_heads=nh,
-                num_key_value_heads=config.get('num_kv_heads') or nh, head_dim=d // nh, hidden_act='silu', rms_norm_eps=1e-5,
-                max_position_embeddings=config['context_length'], rope_theta=theta,
-                rope_parameters={'rope_type': 'default', 'rope_theta': theta}, attention_bias=False, attention_dropout=0.0,
-                mlp_bias=False, tie_word_embeddings=bool(config.get('tie_embeddings', False)), bos_token_id=eot_id,
-                eos_token_id=eot_id, pad_token_id=None, initializer_range=0.02, use_cache=True, torch_dtype=dtype, dtype=dtype)
 
 def generation_config(eot_id:int|None=None, # id of <|endoftext|>, if the tokenizer has one
                      ) -> dict:
@@ -445,18 +377,11 @@ def verify_export(out:str|Path, # the exported directory
                   tol:float=1e-4, # largest logit difference allowed, relative to the largest logit
                  ) -> float:
     "Load `out` with transformers, check that its logits and token ids are lm_basics'; return the largest logit difference."
-    tf = hf_module('transformers')
-    log, bar = tf.utils.logging.get_verbosity(), tf.utils.logging.is_progress_bar_enabled()
-    tf.utils.logging.set_verbosity_error(); tf.utils.logging.disable_progress_bar()
-    try:
-        kw = {'dtype' if int(tf.__version__.split('.')[0]) >= 5 else 'torch_dtype': torch.float32}   # always compare in float32
-        hf = tf.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, **kw).eval()
+    hf = transformers_llama(out)
+    with quiet_transformers() as tf:
         tok = tf.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
         want = codec.encode(VERIFY_TEXT)
         same_ids = tok(VERIFY_TEXT)['input_ids'] == want and tok.decode(want) == codec.decode(want)
-    finally:
-        tf.utils.logging.set_verbosity(log)
-        if bar: tf.utils.logging.enable_progress_bar()
     if not same_ids:
         raise LMBasicsError(f"the exported tokenizer does not reproduce lm_basics' token ids; this is a bug in lm_basics_export, "
                             f"please report it (nothing was written)")
@@ -464,9 +389,8 @@ def verify_export(out:str|Path, # the exported directory
     for p in ref.parameters(): p.data = p.data.to(DTYPES[dtype]).float()   # the weights as the export holds them
     C, V = model.config['context_length'], model.config['vocab_size']
     ids = torch.randint(V, (2, C), generator=torch.Generator().manual_seed(0))   # (2, C)
-    with torch.no_grad(): ours, theirs = ref(ids), hf(ids).logits              # (2, C, V) each
-    diff = (ours - theirs).abs().max().item()
-    if not diff <= tol * max(1.0, ours.abs().max().item()):
+    diff, scale = logits_gap(ref, hf, ids)
+    if not diff <= tol * scale:
         raise LMBasicsError(f"the export's logits differ from lm_basics' by up to {diff:.2e}; this is a bug in lm_basics_export, "
                             f"please report it (nothing was written)")
     return diff

@@ -25,7 +25,7 @@ MARKER = '.lm_basics_site'   # in every site built here: a rebuild only ever rep
 
 # The navigation, in reading order: the ideas (data, model, optimizer, loop) before the plumbing they run on.
 NAV = [('Train a language model', ['01_data', '02_model', '03_optim', '10_train', '06_generate']),
-       ('From your text to a model', ['05_tokenize', '14_recipes', '04_checkpoint', '12_export', '11_bench']),
+       ('From your text to a model', ['05_tokenize', '14_recipes', '04_checkpoint', '09a_pretrained', '12_export', '11_bench']),
        ('Plumbing', ['07_records', '08_config', '09_runtime', '00_core', '13_cli']),
        ('Reference', ['guide.md', 'guarantees.md', 'bad_inputs.md', 'speed.md', 'recipe_results.md', 'developing.md'])]
 

@@ -116,7 +116,7 @@ def tokens_seen(config:dict, # the checkpoint's config
     if config.get('total_batch_size'): return iteration * int(config['total_batch_size'])
     return iteration * config.get('batch_size', 0) * config['context_length'] * config.get('gradient_accumulation_steps', 1)
 
-COMMAND_KEYS = ('train_data_path', 'val_data_path', 'dataset', *MODEL_ARGS, 'batch_size', 'gradient_accumulation_steps',
+COMMAND_KEYS = ('train_data_path', 'val_data_path', 'dataset', 'init_from', *MODEL_ARGS, 'batch_size', 'gradient_accumulation_steps',
                 'total_batch_size', 'max_iters', 'warmup_iters', 'lr', 'min_lr', 'weight_decay', 'seed')
 
 def training_command(config:dict, # the checkpoint's config
@@ -161,7 +161,8 @@ def model_card(ckpt:dict, # the checkpoint: config, iteration, train_state
             _row('context length', f"{cfg['context_length']} tokens"), _row('vocabulary', f"{cfg['vocab_size']:,} (tokenizer: {tokenizer})"),
             _row('embeddings', 'tied to the output layer' if cfg.get('tie_embeddings') else 'separate from the output layer'),
             _row('weights', dtype)]
-    results = [_row('training data', data), _row('validation data', cfg.get('val_data_path') or data),
+    start = f"`{cfg['init_from']}` (a transformers Llama, imported)" if cfg.get('init_from') else 'random weights (from scratch)'
+    results = [_row('started from', start), _row('training data', data), _row('validation data', cfg.get('val_data_path') or data),
                _row('iterations', f"{it:,}"), _row('tokens seen', f"{tokens_seen(cfg, it, ts):,}")]
     if 'final/val_loss' in final: results.append(_row('final validation loss', nats(final['final/val_loss'])))
     if 'final/train_loss' in final: results.append(_row('final training loss', nats(final['final/train_loss'])))
@@ -171,10 +172,11 @@ def model_card(ckpt:dict, # the checkpoint: config, iteration, train_state
     if not final: results.append(_row('final evaluation', 'none yet (an intermediate checkpoint)'))
     results.append(_row('lm_basics version', lm_basics.__version__))
     where = json.dumps(str(path))
+    how = f"fine-tuned from the transformers Llama `{cfg['init_from']}`" if cfg.get('init_from') else 'trained from scratch'
     return '\n'.join([
         '---', 'library_name: transformers', 'pipeline_tag: text-generation', 'tags:', '- lm_basics', '- llama', '---', '',
         f"# {Path(path).name or 'lm_basics model'}", '',
-        f"A decoder-only Transformer language model of {params['total']:,} parameters, trained from scratch with "
+        f"A decoder-only Transformer language model of {params['total']:,} parameters, {how} with "
         f"[lm_basics](https://github.com/lm-basics/lm_basics) and exported by `lm_basics_export` as a Hugging Face "
         f"`LlamaForCausalLM`: the logits of this model in transformers are those of the lm_basics checkpoint.", '',
         '## Use', '', '```python',

@@ -20,6 +20,7 @@ from .checkpoint import RunDir, RunPlan, plan_run, check_overwrites, checkpoint_
 from .generate import find_tokenizer, generate_text
 from .records import RunRecords, start_wandb
 from .config import TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config, parse_config
+from .pretrained import init_config, init_weights
 from .runtime import (resolve_dtype, choose_dtype, matmul_probe, resolve_compile, autocast_context, Peak, setup_distributed, all_mean, from_master,
                                control_group, any_rank, training_memory, available_memory, is_out_of_memory, out_of_memory,
                                MEMORY_FIX, lost_peer)
@@ -413,6 +414,7 @@ def plan_and_check(cfg:TrainConfig, explicit:set[str], rank:int, world:int, cons
     if plan.checkpoint is not None:
         cfg, changes = merge_resumed_config(cfg, explicit, plan.checkpoint.get('config', {}), source=str(plan.checkpoint_path))
         for c in changes: console.say(f"Resume: {c}")
+    elif cfg.init_from: cfg = init_config(cfg, explicit)   # a fresh run from a transformers Llama: its architecture
     cfg = validate(dataclasses.replace(cfg, checkpoint_dir=str(plan.dir.path)))
     check_overwrites(plan, cfg.max_iters)   # a file the run did not write, where it could save
     if cfg.fsdp and not dist.is_initialized():
@@ -636,6 +638,7 @@ class Trainer:
         cfg, plan, accum = self.cfg, self.plan, self.cfg.gradient_accumulation_steps
         self.console.say("\nInitializing model...")
         self.model = build_model(cfg, self.device, self.world)
+        if plan.checkpoint is None and cfg.init_from: self.console.say(init_weights(self.model, cfg.init_from))   # checked weights
         self.params = n = count_parameters(self.model)
         self.console.say(f"Total parameters: {n['total']:,}\nTrainable parameters: {n['trainable']:,}\n"
                          f"Non-embedding parameters: {n['non_embedding']:,}")

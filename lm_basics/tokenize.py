@@ -15,9 +15,9 @@ from .data import open_tokens, shakespeare_plays, peak_rss_mb
 
 # %% auto #0
 __all__ = ['EOT', 'WORD_RE', 'MAX_VOCAB', 'TEXT_SUFFIXES', 'PREPARED_FILES', 'META_TYPES', 'PREPARE_FLAGS', 'bpe_tokenizer',
-           'check_bpe_settings', 'train_bpe', 'merges', 'show_token', 'load_tokenizer', 'find_inputs', 'read_text',
-           'cut_point', 'iter_pieces', 'TokenWriter', 'is_val_document', 'token_dtype', 'TrainingText', 'prepare',
-           'read_meta', 'main', 'benchmark_encode']
+           'check_bpe_settings', 'train_bpe', 'merges', 'show_token', 'load_tokenizer', 'tokenizer_file', 'find_inputs',
+           'read_text', 'cut_point', 'iter_pieces', 'TokenWriter', 'is_val_document', 'token_dtype', 'TrainingText',
+           'prepare', 'read_meta', 'main', 'benchmark_encode']
 
 # %% ../nbs/05_tokenize.ipynb #3e576d4c
 EOT = '<|endoftext|>'
@@ -100,6 +100,16 @@ def _kind(p:Path) -> str:
                        (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device')):
         if test(m): return name
     return 'not a file'
+
+# %% ../nbs/05_tokenize.ipynb #3b5ad03b
+def tokenizer_file(path:str|Path, # a tokenizer.json, or a model directory holding one
+                  ) -> Path:
+    "The tokenizer.json `path` names: itself, or the one in a model directory (as transformers saves a fast tokenizer)."
+    p = Path(path)
+    if not p.is_dir(): return p
+    if (p/'tokenizer.json').is_file(): return p/'tokenizer.json'
+    raise LMBasicsError(f"{p} is a folder without a tokenizer.json; pass a tokenizer.json, or a model directory that holds one "
+                        f"(a sentencepiece tokenizer.model is not read)")
 
 # %% ../nbs/05_tokenize.ipynb #9a5e1a76
 TEXT_SUFFIXES = ('.txt', '.md')
@@ -408,7 +418,7 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
             out:str|Path, # output directory for train.npy, val.npy, tokenizer.json and meta.json
             vocab_size:int=10000, # vocabulary size of the tokenizer to train
             special_tokens:list[str]=(EOT,), # special tokens of the trained tokenizer (<|endoftext|> is always one)
-            tokenizer:str|None=None, # a tokenizer.json to reuse instead of training one
+            tokenizer:str|None=None, # a tokenizer.json to reuse instead of training one, or a model directory holding one
             val_fraction:float=0.1, # fraction of documents for validation
             min_frequency:int=2, # a pair must occur this often to become a merge
             tokenizer_train_bytes:int=0, # train the tokenizer on the first N bytes of text only (0: all)
@@ -425,6 +435,8 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
     special_tokens = [EOT] + [s for s in dict.fromkeys(special_tokens) if s != EOT]
     if any(not s or s.isspace() for s in special_tokens): raise LMBasicsError(f"special tokens must not be empty: {special_tokens}")
     if tokenizer is None: check_bpe_settings(vocab_size, special_tokens, min_frequency)
+    model_dir = tokenizer if tokenizer is not None and Path(tokenizer).is_dir() else None   # a model to fine-tune
+    if tokenizer is not None: tokenizer = str(tokenizer_file(tokenizer))
     _check_numbers(val_fraction, tokenizer_train_bytes, tokenizer_distinct_bytes, piece_chars, batch_chars)
     files = find_inputs(list(inputs))
     out = Path(out)
@@ -568,7 +580,8 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
         f"{meta['bytes_per_token']:.2f} bytes/token; peak RSS {stats['peak_rss_mb']:.0f} MiB")
     say(f"Wrote {out/'train.npy'} ({n_train:,} tokens, {docs['train']:,} documents), {out/'val.npy'} ({n_val:,} tokens, "
         f"{docs['val']:,} documents), {out/'tokenizer.json'}, {out/'meta.json'}")
-    say(f"Train with: lm_basics_train --train_data_path {out/'train.npy'} --val_data_path {out/'val.npy'} --vocab_size {vocab}")
+    start = f"--init_from {model_dir}" if model_dir else f"--vocab_size {vocab}"
+    say(f"Train with: lm_basics_train --train_data_path {out/'train.npy'} --val_data_path {out/'val.npy'} {start}")
     return meta | stats
 
 # %% ../nbs/05_tokenize.ipynb #e323bbd7

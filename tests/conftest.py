@@ -46,7 +46,7 @@ def pytest_configure(config):
 # workers in this order (pytest.ini: --dist loadfile --no-loadscope-reorder), so that no worker starts a long file
 # while the other is about to finish. Files not named here follow, in their usual order.
 LONGEST_FIRST = ('test_docs_site.py', 'test_reliability.py', 'test_bad_input.py', 'test_speed_paths.py', 'test_run_dir.py',
-                 'test_distributed.py', 'test_cli_spec.py', 'test_prepare_generate_plot.py', 'test_export.py')
+                 'test_distributed.py', 'test_cli_spec.py', 'test_prepare_generate_plot.py', 'test_init_from.py', 'test_export.py')
 
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
@@ -67,6 +67,17 @@ def suite_env(tmp_path_factory):
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
     yield new
+    for k, v in old.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
+
+
+@pytest.fixture(scope='module')
+def hf_offline():
+    "Nothing may reach the Hugging Face hub: transformers reads local directories only (for the module's tests)."
+    old = {k: os.environ.get(k) for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE')}
+    os.environ.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+    yield
     for k, v in old.items():
         if v is None: os.environ.pop(k, None)
         else: os.environ[k] = v
@@ -468,9 +479,10 @@ def cosine_lr_ref(it, max_lr, min_lr, warmup, max_iters):
 
 def expected_parameters(t:dict) -> int:
     "Parameters of the spec's Transformer (no biases, SwiGLU, RMSNorm gains) from the printed configuration."
-    V, d, dff, L = (int(t[k]) for k in ('vocab_size', 'd_model', 'd_ff', 'num_layers'))
+    V, d, dff, L, nh = (int(t[k]) for k in ('vocab_size', 'd_model', 'd_ff', 'num_layers', 'num_heads'))
+    kv = int(t['num_kv_heads']) if t.get('num_kv_heads', 'None') != 'None' else nh   # grouped-query attention: smaller K and V
     tied = t.get('tie_embeddings', 'False') == 'True'
-    return V*d + L*(4*d*d + 3*d*dff + 2*d) + d + (0 if tied else V*d)
+    return V*d + L*(2*d*d + 2*d*(d // nh)*kv + 3*d*dff + 2*d) + d + (0 if tied else V*d)
 
 METRIC_KEYS = ('train/loss', 'train/learning_rate', 'train/tokens_per_sec', 'train/iter_time_ms',
                'eval/train_loss', 'eval/val_loss', 'eval/val_perplexity', 'final/train_loss', 'final/val_loss')
@@ -530,7 +542,8 @@ def check_training_run(run:Run, *, checkpoint_dir:Path, train_tokens:int, val_to
         assert {'model_state_dict', 'optimizer_state_dict', 'iteration', 'config', 'format_version'} <= set(ck), sorted(ck)
         assert ck['iteration'] == it
         assert {k: str(','.join(v) if isinstance(v, list) else v) for k, v in ck['config'].items()} == t
-        n = sum(v.numel() for v in ck['model_state_dict'].values())
+        tied = t.get('tie_embeddings') == 'True'   # then the state dict names the embedding twice, as the LM head too
+        n = sum(v.numel() for k, v in ck['model_state_dict'].items() if not (tied and k.endswith('lm_head.weight')))
         assert n == expected_parameters(t), (n, expected_parameters(t))
         assert len(ck['optimizer_state_dict']['state']) > 0, "optimizer state (moments) missing"
     saved_cfg = json.loads((checkpoint_dir/'config.json').read_text())

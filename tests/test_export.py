@@ -25,18 +25,10 @@ def cli(lm, script:str, *args, cwd) -> 'Run':
     return lm.start(*args, cwd=cwd, script=script).finish()
 
 
-@pytest.fixture(scope='module', autouse=True)
-def offline():
-    "Nothing may reach the Hugging Face hub: transformers reads the exported directory only."
-    old = {k: os.environ.get(k) for k in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE')}
-    os.environ.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
-    yield
-    for k, v in old.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+pytestmark = pytest.mark.usefixtures('hf_offline')   # transformers reads the exported directories only
 
 @pytest.fixture(scope='module')
-def tf(offline):
+def tf(hf_offline):
     "transformers, imported once for the module, without progress bars."
     import transformers
     transformers.utils.logging.disable_progress_bar()

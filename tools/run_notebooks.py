@@ -15,7 +15,7 @@ tests/test_notebooks.py compares with the notebook's current code; then it is cl
 Usage: python tools/run_notebooks.py [--skip_slow] [--timing] [NB ...]     (default: every nbs/*.ipynb)
 """
 from __future__ import annotations
-import argparse, hashlib, json, os, re, subprocess, sys, tempfile, time
+import argparse, hashlib, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

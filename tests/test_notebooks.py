@@ -71,6 +71,13 @@ def test_the_stamp_follows_the_code_cells(tmp_path):
     first['cells'][0]['source'] = ['# Another title\n']
     nb.write_text(json.dumps(first, indent=1))
     assert run_notebooks.is_fresh(nb)
+    first['cells'][1]['source'] = ['x = (6 *   # a comment and a new layout: the same code, still fresh\n', '     7)\n', 'x']
+    nb.write_text(json.dumps(first, indent=1))
+    assert run_notebooks.is_fresh(nb)
+    first['cells'][2]['source'] = ["#| eval: false\n", "print('slow ran')"]   # a directive decides what runs: stale
+    nb.write_text(json.dumps(first, indent=1))
+    assert not run_notebooks.is_fresh(nb)
+    first['cells'][2]['source'] = ["#| slow\n", "print('slow ran')"]
     first['cells'][1]['source'] = ['x = 6 * 9\n', 'x']
     nb.write_text(json.dumps(first, indent=1))
     assert not run_notebooks.is_fresh(nb)

@@ -7,7 +7,7 @@ them out (their outputs are then empty). Figures are kept as PNG images (matplot
 
 The first failing cell stops the run with its traceback and the notebook is left as it was. After a run, the notebook
 gets every code cell's new outputs (stale ones go, those of cells not run too), a freshness stamp in its metadata,
-`metadata.lm_basics.code_sha256`: the sha256 of its code cells' sources (see `code_sha256`), which
+`metadata.lm_basics.code_sha256`: the sha256 of what its code cells do (see `code_meaning`), which
 tests/test_notebooks.py compares with the notebook's current code; then it is cleaned as `nbdev_clean` cleans it
 (settings.ini keeps the `lm_basics` metadata key; execution counts go, outputs stay). Outputs that name this machine
 (the repository's path, a temporary directory, the home directory) are reported, for the notebook to avoid.
@@ -24,9 +24,19 @@ STAMP_KEY = 'lm_basics'      # notebook metadata key, kept by nbdev_clean (setti
 SEP = '\n\x1e\n'             # between code cells in the hashed text (a record separator: never in a cell's source)
 SLOW_CELL = 10.0             # seconds: a cell slower than this that `nbdev_test` runs is reported (mark it `#| slow`)
 
+def code_meaning(src:str) -> str:
+    """What a code cell does, without its layout: its directives (`#| ...`, which decide whether and how it runs) and
+    the syntax tree of its code, so re-wrapping a line or editing a comment leaves the outputs fresh, and any change to
+    what runs does not. A cell Python cannot parse (a `%magic`) counts as its text."""
+    import ast
+    directives = [l.strip() for l in src.splitlines() if l.lstrip().startswith('#|')]
+    try: tree = ast.dump(ast.parse(src))
+    except SyntaxError: tree = src
+    return '\n'.join(directives + [tree])
+
 def code_sha256(nb:dict) -> str:
-    "The freshness stamp of a notebook (its JSON as a dict): sha256 of its code cells' sources, in order, joined by `SEP`."
-    srcs = [c['source'] if isinstance(c['source'], str) else ''.join(c['source'])
+    "The freshness stamp of a notebook (its JSON as a dict): sha256 of what its code cells do (`code_meaning`), in order."
+    srcs = [code_meaning(c['source'] if isinstance(c['source'], str) else ''.join(c['source']))
             for c in nb['cells'] if c['cell_type'] == 'code']
     return hashlib.sha256(SEP.join(srcs).encode('utf-8')).hexdigest()
 

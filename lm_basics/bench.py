@@ -117,20 +117,23 @@ class FixedBatch:
     def next(self): return self.batch
     def prefetch(self): pass
 
-def _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device, reference=False):
+def _setup_step(s:dict, # `bench_train_step`'s settings: the shapes, compile, loss_chunk, dtype, device, reference
+               ):
     "A model and a fixed random batch; return `(model, step)`, `step()` being the trainer's `TrainStep` (or `reference_step`) on that batch."
-    dev = resolve_device(device)
-    d_ff = d_ff or int(8 * d_model / 3 + 7) // 8 * 8
+    dev, vocab_size, batch_size, context_length = resolve_device(s['device']), s['vocab_size'], s['batch_size'], s['context_length']
+    shapes = [s[k] for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads')]
+    d_ff = s['d_ff'] or int(8 * s['d_model'] / 3 + 7) // 8 * 8
     g = torch.Generator().manual_seed(1)   # the same batch for every variant
     x, y = (torch.randint(vocab_size, (batch_size, context_length), generator=g).to(dev) for _ in range(2))
     torch.manual_seed(0)
     if dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the trainer does (and nanoGPT)
-    if reference:   # its own MLP width (4 d_model): d_ff is SwiGLU's
-        model = ReferenceGPT(vocab_size, context_length, d_model, num_layers, num_heads).to(dev)
-        step = reference_step(model, compile, dtype)
+    if s.get('reference'):   # its own MLP width (4 d_model): d_ff is SwiGLU's
+        model = ReferenceGPT(*shapes).to(dev)
+        step = reference_step(model, s['compile'], s['dtype'])
         return model, lambda: step(x, y)
-    model = TransformerLM(vocab_size, context_length, d_model, num_layers, num_heads, d_ff).to(dev)
-    step = TrainStep(model, make_optimizer(model, device_type=dev.type), dtype=dtype, loss_chunk=loss_chunk, compile=compile)
+    model = TransformerLM(*shapes, d_ff).to(dev)
+    step = TrainStep(model, make_optimizer(model, device_type=dev.type), dtype=s['dtype'], loss_chunk=s['loss_chunk'],
+                     compile=s['compile'])
     batch = FixedBatch(x, y)
     return model, lambda: step(batch, check=dev.type == 'cpu').loss   # the trainer checks every step on the CPU (free there)
 
@@ -154,9 +157,10 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
                      reference:bool=False, # time `reference_step` on a `ReferenceGPT` of these shapes instead of the trainer's step
                     ) -> dict:
     "Time full training steps of one configuration; return tokens/sec, ms/step, MFU and peak memory."
+    settings = dict(locals())   # the arguments, as given
     dev = resolve_device(device)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-    model, step = _setup_step(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, batch_size, compile, loss_chunk, dtype, device, reference)
+    model, step = _setup_step(settings)
     pk = Peak(dev, dtype) if peak is None else None   # on a CPU, a probe of the dtype; on a GPU, its datasheet
     t = time.perf_counter()
     for _ in range(warmup): step()
@@ -194,7 +198,7 @@ def profile_train_step(steps:int=2, # profiled steps
     from torch.profiler import profile, ProfilerActivity
     kw = dict(inspect.signature(bench_train_step).parameters)
     cfg = {k: kwargs.get(k, p.default) for k, p in kw.items() if k not in ('steps', 'warmup', 'peak')}
-    model, step = _setup_step(**cfg)
+    model, step = _setup_step(cfg)
     for _ in range(warmup): step()
     _sync(cfg['device'])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if resolve_device(cfg['device']).type == 'cuda' else [])

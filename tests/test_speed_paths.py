@@ -89,7 +89,7 @@ def bench(*args, cwd, timeout=600):
 def test_bench_writes_its_table_and_profile(tmp_path):
     p = bench(*TINY_BENCH, '--variants', 'eager:float32,eager:bfloat16', '--profile', '--out', tmp_path/'res', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert 'float32 matmul probe' in p.stdout and f"wrote {tmp_path/'res'}.md" in p.stdout
+    assert 'each run probes its own peak' in p.stdout and f"wrote {tmp_path/'res'}.md" in p.stdout   # no one probe for all rows
     res = json.loads((tmp_path/'res.json').read_text())
     rows = res['rows']
     assert [(r['compile'], r['dtype']) for r in rows] == [(False, 'float32'), (False, 'bfloat16')]
@@ -123,7 +123,7 @@ def test_bench_takes_a_training_config(tmp_path):
 @pytest.mark.parametrize('args,message', [
     (['--variants', 'fast:float32'], "--variants: 'fast:float32' is not MODE:DTYPE"),
     (['--variants', 'eager:float16'], '--variants: eager:float16 needs a CUDA GPU'),
-    (['--d_model', 'wide'], "--d_model: d_model must be int, got 'wide'"),
+    (['--loss_chunk', 'wide'], "--loss_chunk: loss_chunk must be int, got 'wide'"),
     (['--device', 'cuda'], 'no CUDA GPU'),
     (['--config', 'missing.json'], 'config file not found: missing.json'),
 ])

@@ -26,13 +26,14 @@ def hf_module(name:str, # a module of transformers or safetensors, e.g. 'safeten
     "Import `name`, which only reading and writing Hugging Face models needs; if it is missing, say how to install it."
     try: return importlib.import_module(name)
     except ImportError:
-        raise LMBasicsError(f"reading or writing Hugging Face models needs the {name.split('.')[0]} package, which is not installed; "
-                            f"pip install 'lm_basics[hf]'") from None
+        raise LMBasicsError(f"reading or writing Hugging Face models needs the {name.split('.')[0]} package, which is "
+                            f"not installed; pip install 'lm_basics[hf]'") from None
 
 # %% ../nbs/09a_pretrained.ipynb #2abd7ad4
 def halves_order(head_dim:int, # features per head (even)
                 ) -> torch.Tensor:
-    "The feature order (evens, then odds) under which RoPE's neighbour pairs `(2i, 2i+1)` become the halves pairs `(i, i + h/2)`."
+    """The feature order (evens, then odds) under which RoPE's neighbour pairs `(2i, 2i+1)` become the halves pairs `(i,
+    i + h/2)`."""
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 # %% ../nbs/09a_pretrained.ipynb #dd23ede3
@@ -52,7 +53,8 @@ def halves_to_pairs(w:torch.Tensor, # (nh*h, d) a Llama's query or key projectio
     return w.view(num_heads, h, -1)[:, torch.argsort(halves_order(h))].reshape(w.shape)
 
 # %% ../nbs/09a_pretrained.ipynb #c4456d1a
-LAYER_NAMES = {'ln1.weight': 'input_layernorm.weight', 'attn.proj.weight': 'self_attn.o_proj.weight',   # within layer i, renamed only
+# within layer i, renamed only
+LAYER_NAMES = {'ln1.weight': 'input_layernorm.weight', 'attn.proj.weight': 'self_attn.o_proj.weight',
                'ln2.weight': 'post_attention_layernorm.weight', 'ffn.w1.weight': 'mlp.gate_proj.weight',
                'ffn.w3.weight': 'mlp.up_proj.weight', 'ffn.w2.weight': 'mlp.down_proj.weight'}
 
@@ -60,14 +62,17 @@ def renamed(config:dict, # our architecture: num_layers, tie_embeddings
            ) -> dict[str, str]:
     "Our name -> the Llama's, for every tensor that is only renamed (all but the fused `qkv`), layer after layer."
     out = {'token_embeddings.weight': 'model.embed_tokens.weight'}
-    for i in range(config['num_layers']): out |= {f'layers.{i}.{ours}': f'model.layers.{i}.{theirs}' for ours, theirs in LAYER_NAMES.items()}
+    for i in range(config['num_layers']):
+        out |= {f'layers.{i}.{ours}': f'model.layers.{i}.{theirs}' for ours, theirs in LAYER_NAMES.items()}
     out['ln_final.weight'] = 'model.norm.weight'
-    return out if config.get('tie_embeddings') else out | {'lm_head.weight': 'lm_head.weight'}   # tied: the embedding is the head
+    # tied: the embedding is the head
+    return out if config.get('tie_embeddings') else out | {'lm_head.weight': 'lm_head.weight'}
 
 def qkv_rows(config:dict) -> list[int]:
     "Rows of the queries, keys and values in the fused `qkv` projection of `config`'s model."
     nh = config['num_heads']
-    hs, kv = config['d_model'] // nh, config.get('num_kv_heads') or nh   # (unset, or an older checkpoint: plain multi-head)
+    # (unset, or an older checkpoint: plain multi-head)
+    hs, kv = config['d_model'] // nh, config.get('num_kv_heads') or nh
     return [nh * hs, kv * hs, kv * hs]
 
 def _taker(tensors:dict, missing:str):
@@ -81,36 +86,46 @@ def hf_state_dict(state_dict:dict, # our model's weights (`model.state_dict()`)
                   config:dict, # its architecture: num_layers, num_heads, num_kv_heads, d_model, tie_embeddings
                   dtype:torch.dtype=torch.float32, # dtype of the returned tensors
                  ) -> dict[str, torch.Tensor]:
-    "The weights of a `LlamaForCausalLM` equal to our model: renamed, qkv split, queries and keys reordered for RoPE by halves."
+    """The weights of a `LlamaForCausalLM` equal to our model: renamed, qkv split, queries and keys reordered for RoPE
+    by halves."""
     sd, nh, kv = dict(state_dict), config['num_heads'], config.get('num_kv_heads') or config['num_heads']
     take = _taker(sd, "the checkpoint has no weight {}; export a checkpoint saved by lm_basics_train")
     out = {theirs: take(ours) for ours, theirs in renamed(config).items()}
     for i in range(config['num_layers']):
         q, k, v = take(f'layers.{i}.attn.qkv.weight').split(qkv_rows(config))   # the fused projection stacks q, k, v
         hf = f'model.layers.{i}.self_attn.'
-        out |= {hf + 'q_proj.weight': pairs_to_halves(q, nh), hf + 'k_proj.weight': pairs_to_halves(k, kv), hf + 'v_proj.weight': v}
+        out |= {hf + 'q_proj.weight': pairs_to_halves(q, nh), hf + 'k_proj.weight': pairs_to_halves(k, kv),
+                hf + 'v_proj.weight': v}
     if config.get('tie_embeddings'): sd.pop('lm_head.weight', None)   # the embedding matrix, again
     if sd: raise LMBasicsError(f"the checkpoint has weights a Llama has no place for ({', '.join(sorted(sd)[:4])}); "
                                f"only the standard architecture (no qk_norm, SwiGLU) can be exported")
-    return {k: w.detach().to(dtype=dtype, copy=True).contiguous() for k, w in out.items()}   # copies: safetensors wants unshared tensors
+    # copies: safetensors wants unshared tensors
+    return {k: w.detach().to(dtype=dtype, copy=True).contiguous() for k, w in out.items()}
 
 # %% ../nbs/09a_pretrained.ipynb #d3268dc6
 def lm_state_dict(weights:dict, # a `LlamaForCausalLM`'s tensors by name (as its safetensors files hold them)
-                  config:dict, # our architecture (`llama_architecture`): num_layers, num_heads, num_kv_heads, d_model, tie_embeddings
+                  # our architecture (`llama_architecture`): num_layers, num_heads, num_kv_heads, d_model,
+                  # tie_embeddings
+                  config:dict,
                   name:str='the model', # what to call it in messages
                  ) -> dict[str, torch.Tensor]:
-    "Our model's state dict from a Llama's weights: renamed, q, k and v fused, queries and keys back in RoPE-by-pairs order."
+    """Our model's state dict from a Llama's weights: renamed, q, k and v fused, queries and keys back in RoPE-by-pairs
+    order."""
     w, nh, kv = dict(weights), config['num_heads'], config.get('num_kv_heads') or config['num_heads']
-    take = _taker(w, f"{name} has no weight {{}}" + ("" if config.get('tie_embeddings') else " (its embeddings are not tied)")
-                     + "; its weight files are incomplete or not a Llama's")
+    take = _taker(w,
+                  f"{name} has no weight {{}}"
+                  + ("" if config.get('tie_embeddings') else " (its embeddings are not tied)")
+                  + "; its weight files are incomplete or not a Llama's")
     out = {ours: take(theirs) for ours, theirs in renamed(config).items()}
     for i in range(config['num_layers']):
         q, k, v = (take(f'model.layers.{i}.self_attn.{n}_proj.weight') for n in 'qkv')
         out[f'layers.{i}.attn.qkv.weight'] = torch.cat([halves_to_pairs(q, nh), halves_to_pairs(k, kv), v])
     head = w.pop('lm_head.weight', None)   # (tied: saved by some versions all the same)
     if head is not None and not torch.equal(head, out['token_embeddings.weight']):
-        raise LMBasicsError(f"{name} ties its embeddings (tie_word_embeddings) but holds an lm_head.weight that differs from them")
-    w = {k: t for k, t in w.items() if not k.endswith('rotary_emb.inv_freq')}   # RoPE's table, saved by old transformers: derived
+        raise LMBasicsError(f"{name} ties its embeddings (tie_word_embeddings) but holds an lm_head.weight that "
+                            f"differs from them")
+    # RoPE's table, saved by old transformers: derived
+    w = {k: t for k, t in w.items() if not k.endswith('rotary_emb.inv_freq')}
     if w: raise LMBasicsError(f"{name} has weights lm_basics' model has no place for ({', '.join(sorted(w)[:4])}); "
                               f"only a plain Llama (no biases, no extra layers) can be imported")
     return out
@@ -126,37 +141,49 @@ def llama_config(config:dict, # the checkpoint's config
     d, nh, theta = config['d_model'], config['num_heads'], float(config.get('rope_theta', 10000.0))
     return dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=config['vocab_size'], hidden_size=d,
                 intermediate_size=config['d_ff'], num_hidden_layers=config['num_layers'], num_attention_heads=nh,
-                num_key_value_heads=config.get('num_kv_heads') or nh, head_dim=d // nh, hidden_act='silu', rms_norm_eps=NORM_EPS,
-                max_position_embeddings=config['context_length'], rope_theta=theta,
-                rope_parameters={'rope_type': 'default', 'rope_theta': theta}, attention_bias=False, attention_dropout=0.0,
+                num_key_value_heads=config.get('num_kv_heads') or nh, head_dim=d // nh, hidden_act='silu',
+                rms_norm_eps=NORM_EPS, max_position_embeddings=config['context_length'], rope_theta=theta,
+                rope_parameters={'rope_type': 'default', 'rope_theta': theta}, attention_bias=False,
+                attention_dropout=0.0,
                 mlp_bias=False, tie_word_embeddings=bool(config.get('tie_embeddings', False)), bos_token_id=eot_id,
-                eos_token_id=eot_id, pad_token_id=None, initializer_range=0.02, use_cache=True, torch_dtype=dtype, dtype=dtype)
+                eos_token_id=eot_id, pad_token_id=None, initializer_range=0.02, use_cache=True, torch_dtype=dtype,
+                dtype=dtype)
 
 # %% ../nbs/09a_pretrained.ipynb #6cbe8994
-LLAMA_NAMES = dict(vocab_size='vocab_size', context_length='max_position_embeddings', d_model='hidden_size',   # ours: transformers'
+# ours: transformers'
+LLAMA_NAMES = dict(vocab_size='vocab_size', context_length='max_position_embeddings', d_model='hidden_size',
                    num_layers='num_hidden_layers', num_heads='num_attention_heads', num_kv_heads='num_key_value_heads',
                    d_ff='intermediate_size', rope_theta='rope_theta', tie_embeddings='tie_word_embeddings')
 
 def llama_architecture(config:dict, # a Llama's config.json
                        name:str='the model', # what to call it in messages
                       ) -> dict:
-    "Our model's architecture (`MODEL_ARGS`) from a Llama's `config.json`; one clear error for what our model cannot represent."
-    def refuse(why): raise LMBasicsError(f"{name}: {why}, which lm_basics' model cannot represent; start from a plain Llama")
+    """Our model's architecture (`MODEL_ARGS`) from a Llama's `config.json`; one clear error for what our model cannot
+    represent."""
+    def refuse(why):
+        raise LMBasicsError(f"{name}: {why}, which lm_basics' model cannot represent; start from a plain Llama")
     if config.get('model_type') != 'llama': refuse(f"its model_type is {config.get('model_type')!r}, not 'llama'")
-    if missing := [k for k in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads') if k not in config]:
+    if missing := [k
+                   for k in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+                             'num_attention_heads') if k not in config]:
         raise LMBasicsError(f"{name}: config.json has no {', '.join(missing)}; it is not a transformers Llama's config")
     for k in ('attention_bias', 'mlp_bias'):
         if config.get(k): refuse(f"{k} is true (biases)")
     if (act := config.get('hidden_act', 'silu')) != 'silu': refuse(f"its activation is {act!r}, not SiLU (SwiGLU)")
     rope = config.get('rope_parameters') or {}
-    scaling = config.get('rope_scaling') or (rope if rope.get('rope_type', rope.get('type', 'default')) != 'default' else None)
+    scaling = (config.get('rope_scaling')
+               or (rope if rope.get('rope_type', rope.get('type', 'default')) != 'default' else None))
     if scaling: refuse(f"it scales RoPE ({scaling.get('rope_type', scaling.get('type'))!r} rope_scaling)")
-    if config.get('sliding_window') is not None: refuse(f"it attends through a sliding window of {config['sliding_window']}")
+    if config.get('sliding_window') is not None:
+        refuse(f"it attends through a sliding window of {config['sliding_window']}")
     d, nh = config['hidden_size'], config['num_attention_heads']
-    if config.get('head_dim') not in (None, d / nh): refuse(f"its head_dim {config['head_dim']} is not hidden_size / num_attention_heads")
-    if not math.isclose(eps := config.get('rms_norm_eps', 1e-6), NORM_EPS): refuse(f"its rms_norm_eps is {eps:g}, not {NORM_EPS:g}")
+    if config.get('head_dim') not in (None, d / nh):
+        refuse(f"its head_dim {config['head_dim']} is not hidden_size / num_attention_heads")
+    if not math.isclose(eps := config.get('rms_norm_eps', 1e-6), NORM_EPS):
+        refuse(f"its rms_norm_eps is {eps:g}, not {NORM_EPS:g}")
     args = {ours: config[theirs] for ours, theirs in LLAMA_NAMES.items() if theirs in config}
-    args |= dict(context_length=config.get('max_position_embeddings', 2048), num_kv_heads=config.get('num_key_value_heads') or nh,
+    args |= dict(context_length=config.get('max_position_embeddings', 2048),
+                 num_kv_heads=config.get('num_key_value_heads') or nh,
                  rope_theta=float(rope.get('rope_theta', config.get('rope_theta', 10000.0))),
                  tie_embeddings=bool(config.get('tie_word_embeddings', False)), qk_norm=False, activation='swiglu')
     try: check_model_args(**args)
@@ -165,31 +192,37 @@ def llama_architecture(config:dict, # a Llama's config.json
 
 # %% ../nbs/09a_pretrained.ipynb #3e6de5ba
 class LlamaDir:
-    "A transformers Llama directory, checked: its `config.json`, the architecture in our terms, its weight files and `tokenizer.json`."
+    """A transformers Llama directory, checked: its `config.json`, the architecture in our terms, its weight files and
+    `tokenizer.json`."""
     def __init__(self, path:str|Path, # a directory written by `save_pretrained` (or `lm_basics_export`)
                 ):
         p = self.path = Path(path)
-        if not p.is_dir(): raise LMBasicsError(f"{p} is not a directory; pass a transformers model directory (config.json, "
-                                               f"*.safetensors, tokenizer.json), e.g. one downloaded with huggingface-cli download")
+        if not p.is_dir():
+            raise LMBasicsError(f"{p} is not a directory; pass a transformers model directory (config.json, "
+                                f"*.safetensors, tokenizer.json), e.g. one downloaded with huggingface-cli download")
         self.config = self._json(p/'config.json', 'config.json')
         self.args = llama_architecture(self.config, str(p))
         self.weight_files = self._weight_files()
         self.tokenizer = p/'tokenizer.json'
         if not self.tokenizer.is_file():
-            raise LMBasicsError(f"{p} has no tokenizer.json; lm_basics reads the tokenizer as a tokenizers tokenizer.json "
-                                f"(a sentencepiece tokenizer.model alone is not enough: save the fast tokenizer with save_pretrained)")
+            raise LMBasicsError(f"{p} has no tokenizer.json; lm_basics reads the tokenizer as a tokenizers "
+                                f"tokenizer.json (a sentencepiece tokenizer.model alone is not enough: save the fast "
+                                f"tokenizer with save_pretrained)")
         try: tok = Tokenizer.from_file(str(self.tokenizer))
-        except Exception as e: raise LMBasicsError(f"{self.tokenizer} is not a tokenizers tokenizer.json ({str(e)[:100]})") from None
+        except Exception as e:
+            raise LMBasicsError(f"{self.tokenizer} is not a tokenizers tokenizer.json ({str(e)[:100]})") from None
         if tok.token_to_id(EOT) is None:
-            raise LMBasicsError(f"{self.tokenizer} has no {EOT} token, which lm_basics puts between documents; lm_basics can "
-                                f"start only from models whose tokenizer has it (SmolLM2's has)")
+            raise LMBasicsError(f"{self.tokenizer} has no {EOT} token, which lm_basics puts between documents; "
+                                f"lm_basics can start only from models whose tokenizer has it (SmolLM2's has)")
         if (n := tok.get_vocab_size()) > self.args['vocab_size']:
-            raise LMBasicsError(f"{self.tokenizer} has {n:,} tokens but the model's vocab_size is {self.args['vocab_size']:,}")
+            raise LMBasicsError(f"{self.tokenizer} has {n:,} tokens but the model's vocab_size is "
+                                f"{self.args['vocab_size']:,}")
 
     def _json(self, f:Path, what:str) -> dict:
         if not f.is_file(): raise LMBasicsError(f"{self.path} has no {what}; pass a transformers model directory")
         try: out = json.loads(f.read_text(encoding='utf-8'))
-        except (ValueError, UnicodeDecodeError, OSError) as e: raise LMBasicsError(f"cannot read {f} ({str(e)[:100]}); download it again") from None
+        except (ValueError, UnicodeDecodeError, OSError) as e:
+            raise LMBasicsError(f"cannot read {f} ({str(e)[:100]}); download it again") from None
         if not isinstance(out, dict): raise LMBasicsError(f"{f} is not a JSON object; download it again")
         return out
 
@@ -199,24 +232,30 @@ class LlamaDir:
         if index.exists():
             names = sorted(set((self._json(index, index.name).get('weight_map') or {}).values()))
             if missing := [n for n in names if not (self.path/n).is_file()]:
-                raise LMBasicsError(f"{index} names {missing[0]}, which {self.path} does not hold; download the model again")
+                raise LMBasicsError(f"{index} names {missing[0]}, which {self.path} does not hold; download "
+                                    f"the model again")
             if names: return [self.path/n for n in names]
         if (self.path/'model.safetensors').is_file(): return [self.path/'model.safetensors']
         pickled = sorted(f.name for f in self.path.glob('*.bin'))
-        raise LMBasicsError(f"{self.path} holds no safetensors weights" + (f" (only {pickled[0]}, a pickle lm_basics does not load; "
-                            f"save the model with save_pretrained, which writes safetensors)" if pickled else "; download the model again"))
+        raise LMBasicsError(f"{self.path} holds no safetensors weights"
+                            + (f" (only {pickled[0]}, a pickle lm_basics does not load; "
+                            f"save the model with save_pretrained, which writes safetensors)" if pickled
+                               else "; download the model again"))
 
     def weights(self) -> dict[str, torch.Tensor]:
         "Every tensor of the weight files, by name, in float32."
         st, out = hf_module('safetensors.torch'), {}
         for f in self.weight_files:
             try: out |= {k: t.float() for k, t in st.load_file(str(f)).items()}
-            except Exception as e: raise LMBasicsError(f"cannot read {f} ({str(e).splitlines()[0][:100]}); download the model again") from None
+            except Exception as e:
+                raise LMBasicsError(f"cannot read {f} ({str(e).splitlines()[0][:100]}); download "
+                                    f"the model again") from None
         return out
 
     def model(self, context_length:int|None=None, # the context of the model built (default: max_position_embeddings)
              ) -> TransformerLM:
-        "Our model with these weights, in float32 on the CPU, in eval mode (not yet checked against transformers: `load_llama`)."
+        """Our model with these weights, in float32 on the CPU, in eval mode (not yet checked against transformers:
+        `load_llama`)."""
         model = TransformerLM(**dict(self.args, context_length=context_length or self.args['context_length']))
         sd = lm_state_dict(self.weights(), self.args, str(self.path))
         try: model.load_state_dict(sd, strict=not self.args['tie_embeddings'])
@@ -239,9 +278,11 @@ def quiet_transformers():
 
 def transformers_llama(path:str|Path, # a model directory
                       ) -> torch.nn.Module:
-    "The transformers model in `path`, in float32 on the CPU, in eval mode; read from the directory only, never from the network."
+    """The transformers model in `path`, in float32 on the CPU, in eval mode; read from the directory only, never from
+    the network."""
     with quiet_transformers() as tf:
-        kw = {'dtype' if int(tf.__version__.split('.')[0]) >= 5 else 'torch_dtype': torch.float32}   # always compare in float32
+        # always compare in float32
+        kw = {'dtype' if int(tf.__version__.split('.')[0]) >= 5 else 'torch_dtype': torch.float32}
         return tf.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **kw).eval()
 
 @torch.no_grad()
@@ -249,7 +290,8 @@ def logits_gap(model:TransformerLM, # ours
                hf:torch.nn.Module, # transformers'
                ids:torch.Tensor, # (B, T) token ids
               ) -> tuple[float, float]:
-    "The largest difference between our logits and transformers' on `ids`, and the scale it is judged against (our largest logit, at least 1)."
+    """The largest difference between our logits and transformers' on `ids`, and the scale it is judged against (our
+    largest logit, at least 1)."""
     ours, theirs = model(ids), hf(ids).logits          # (B, T, V) each
     return (ours - theirs).abs().max().item(), max(1.0, ours.abs().max().item())
 
@@ -258,25 +300,29 @@ def check_llama(model:TransformerLM, # ours, with the weights read from `path`
                 path:str|Path, # the Llama directory
                 tol:float=1e-4, # largest logit difference allowed, relative to the largest logit
                ) -> float:
-    "Refuse `model` unless its logits are transformers' for the Llama in `path` on a few sequences; return the largest difference."
+    """Refuse `model` unless its logits are transformers' for the Llama in `path` on a few sequences; return the largest
+    difference."""
     C, V = model.config['context_length'], model.config['vocab_size']
-    ids = torch.randint(V, (3, min(C, 64)), generator=torch.Generator().manual_seed(0))   # a few sequences, every id possible
+    # a few sequences, every id possible
+    ids = torch.randint(V, (3, min(C, 64)), generator=torch.Generator().manual_seed(0))
     diff, scale = logits_gap(model, transformers_llama(path), ids)
     if not diff <= tol * scale:
-        raise LMBasicsError(f"the model imported from {path} computes other logits than transformers (up to {diff:.2e} apart); "
-                            f"it is a Llama variant lm_basics does not know, so nothing was started")
+        raise LMBasicsError(f"the model imported from {path} computes other logits than transformers (up to "
+                            f"{diff:.2e} apart); it is a Llama variant lm_basics does not know, so nothing was started")
     return diff
 
 def load_llama(path:str|Path, # a transformers Llama directory
                context_length:int|None=None, # the context of the model built (default: max_position_embeddings)
               ) -> tuple[TransformerLM, float]:
-    "Our model with the weights of the Llama in `path`, checked against transformers; return it and the largest logit difference."
+    """Our model with the weights of the Llama in `path`, checked against transformers; return it and the largest logit
+    difference."""
     model = LlamaDir(path).model(context_length)
     return model, check_llama(model, path)
 
 # %% ../nbs/09a_pretrained.ipynb #eaba625c
 def same_tokenizer(a:str|Path, b:str|Path) -> bool:
-    "Whether two tokenizer.json files are the same tokenizer (the same vocabulary, merges, special tokens and rules), however written."
+    """Whether two tokenizer.json files are the same tokenizer (the same vocabulary, merges, special tokens and rules),
+    however written."""
     norm = lambda p: json.loads(Tokenizer.from_file(str(p)).to_str())   # loaded and written again: one layout for both
     return norm(a) == norm(b)
 
@@ -284,41 +330,48 @@ def _check_data(cfg:TrainConfig, src:LlamaDir):
     "Refuse token files that were not made with the model's tokenizer."
     prepare = f"lm_basics_prepare TEXT --tokenizer {src.path} --out DATA"
     if not cfg.train_data_path:
-        raise LMBasicsError(f"--init_from needs token files in the model's vocabulary" + (f", not the built-in {cfg.dataset}" if cfg.dataset else '')
-                            + f": make them with {prepare}, then pass --train_data_path DATA/train.npy --val_data_path DATA/val.npy")
+        raise LMBasicsError(f"--init_from needs token files in the model's vocabulary"
+                            + (f", not the built-in {cfg.dataset}" if cfg.dataset else '')
+                            + f": make them with {prepare}, then pass --train_data_path DATA/train.npy --val_data_path "
+                              f"DATA/val.npy")
     for path in dict.fromkeys(p for p in (cfg.train_data_path, cfg.val_data_path) if p):
         tok, meta = Path(path).parent/'tokenizer.json', Path(path).parent/'meta.json'
         if not tok.is_file():
-            raise LMBasicsError(f"the data {path} has no tokenizer.json beside it, so nothing says its ids are the model's; make it with {prepare}")
+            raise LMBasicsError(f"the data {path} has no tokenizer.json beside it, so nothing says its ids are the "
+                                f"model's; make it with {prepare}")
         if not same_tokenizer(tok, src.tokenizer):
-            raise LMBasicsError(f"the data {path} was tokenized with {tok}, not with the tokenizer of {src.path}; make it again with {prepare}")
+            raise LMBasicsError(f"the data {path} was tokenized with {tok}, not with the tokenizer of {src.path}; make "
+                                f"it again with {prepare}")
         want = Tokenizer.from_file(str(src.tokenizer)).get_vocab_size()
         if meta.is_file() and (v := read_meta(meta).get('vocab_size')) is not None and v != want:
-            raise LMBasicsError(f"{meta} says the data has {v:,} tokens, the tokenizer of {src.path} {want:,}; make the data again with {prepare}")
+            raise LMBasicsError(f"{meta} says the data has {v:,} tokens, the tokenizer of {src.path} {want:,}; make "
+                                f"the data again with {prepare}")
 
 def init_config(cfg:TrainConfig, # the run's settings, `init_from` set
                 explicit:set[str], # the settings given explicitly (flags or config file)
                ) -> TrainConfig:
-    "The settings with the architecture of the Llama in `cfg.init_from`; refuse settings that contradict it, and data in another vocabulary."
+    """The settings with the architecture of the Llama in `cfg.init_from`; refuse settings that contradict it, and data
+    in another vocabulary."""
     src = LlamaDir(cfg.init_from)
     arch = {k: v for k, v in src.args.items() if k != 'context_length'}
     for k, v in arch.items():
         if k in explicit and getattr(cfg, k) != v:
             theirs = f"{LLAMA_NAMES[k]} {v}" if k in LLAMA_NAMES else f"a Llama's {k} is {v}"
-            raise LMBasicsError(f"--{k} {getattr(cfg, k)} contradicts the model in {src.path} ({theirs} in its config.json); "
-                                f"drop --{k}: with --init_from the architecture comes from the model")
+            raise LMBasicsError(f"--{k} {getattr(cfg, k)} contradicts the model in {src.path} ({theirs} in its "
+                                f"config.json); drop --{k}: with --init_from the architecture comes from the model")
     most = src.args['context_length']
     if cfg.context_length > most and 'context_length' in explicit:
-        raise LMBasicsError(f"--context_length {cfg.context_length} is longer than the model in {src.path} was made for "
-                            f"(max_position_embeddings {most}); use --context_length {most} or less")
+        raise LMBasicsError(f"--context_length {cfg.context_length} is longer than the model in {src.path} "
+                            f"was made for (max_position_embeddings {most}); use --context_length {most} or less")
     _check_data(cfg, src)
     return dataclasses.replace(cfg, **arch, context_length=min(cfg.context_length, most))
 
-def init_weights(model:torch.nn.Module, # the run's model, built with `init_config`'s architecture (any device; FSDP2 too)
-                 path:str|Path, # the Llama directory
+def init_weights(
+    model:torch.nn.Module, # the run's model, built with `init_config`'s architecture (any device; FSDP2 too)
+    path:str|Path, # the Llama directory
                 ) -> str:
     "Copy the Llama in `path`, checked against transformers, into `model`; return the line that says so."
     src, diff = load_llama(path, unwrap_model(model).config['context_length'])
     load_checkpoint(dict(model_state_dict=src.state_dict(), iteration=0), model)
-    return (f"Initialised from {path} ({count_parameters(src)['total']:,} parameters, logits checked against transformers: "
-            f"within {diff:.1e})")
+    return (f"Initialised from {path} ({count_parameters(src)['total']:,} parameters, logits checked against "
+            f"transformers: within {diff:.1e})")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import codecs, contextlib, errno, glob, hashlib, json, math, os, re, shutil, signal, stat, sys, threading, time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
@@ -17,15 +18,18 @@ from .data import open_tokens, shakespeare_plays, peak_rss_mb
 __all__ = ['EOT', 'WORD_RE', 'MAX_VOCAB', 'TEXT_SUFFIXES', 'PREPARED_FILES', 'META_TYPES', 'PREPARE_FLAGS', 'bpe_tokenizer',
            'check_bpe_settings', 'train_bpe', 'merges', 'show_token', 'load_tokenizer', 'tokenizer_file', 'find_inputs',
            'read_text', 'cut_point', 'iter_pieces', 'TokenWriter', 'is_val_document', 'token_dtype', 'TrainingText',
-           'prepare', 'read_meta', 'main', 'benchmark_encode']
+           'Scan', 'scan_inputs', 'train_tokenizer', 'route_pieces', 'SplitFiles', 'Splits', 'encode_splits', 'Staging',
+           'prepared_meta', 'stage_output', 'prepare', 'read_meta', 'main', 'benchmark_encode']
 
 # %% ../nbs/05_tokenize.ipynb #3e576d4c
 EOT = '<|endoftext|>'
 
-WORD_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}{1,64}| ?\p{N}{1,64}| ?[^\s\p{L}\p{N}]{1,64}|\s{1,64}(?!\S)|\s{1,64}"""  # GPT-2's, words of at most 64
+# GPT-2's, words of at most 64
+WORD_RE = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}{1,64}| ?\p{N}{1,64}| ?[^\s\p{L}\p{N}]{1,64}|\s{1,64}(?!\S)|\s{1,64}"""
 
 def bpe_tokenizer() -> Tokenizer:
-    "An empty byte-level BPE tokenizer: GPT-2's pre-tokenizer (words of at most 64 characters) and decoder, no merges yet."
+    """An empty byte-level BPE tokenizer: GPT-2's pre-tokenizer (words of at most 64 characters) and decoder, no merges
+    yet."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(WORD_RE), behavior='isolated'),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -38,8 +42,9 @@ def check_bpe_settings(vocab_size:int, special_tokens:list[str], min_frequency:i
     "Raise `LMBasicsError` unless a BPE with these settings can be trained."
     need = 256 + len(special_tokens)
     if vocab_size < need:
-        raise LMBasicsError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + {len(special_tokens)} "
-                            f"special token(s) = {need}; use --vocab_size {need} or more (a few thousand is typical)")
+        raise LMBasicsError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte tokens + "
+                            f"{len(special_tokens)} special token(s) = {need}; use --vocab_size {need} or more (a few "
+                            f"thousand is typical)")
     if vocab_size > MAX_VOCAB:
         raise LMBasicsError(f"vocab_size {vocab_size:,} is too large to train: the BPE trainer reserves memory for "
                             f"every token up front; use --vocab_size {MAX_VOCAB} or less (language models use 32,000 "
@@ -108,8 +113,8 @@ def tokenizer_file(path:str|Path, # a tokenizer.json, or a model directory holdi
     p = Path(path)
     if not p.is_dir(): return p
     if (p/'tokenizer.json').is_file(): return p/'tokenizer.json'
-    raise LMBasicsError(f"{p} is a folder without a tokenizer.json; pass a tokenizer.json, or a model directory that holds one "
-                        f"(a sentencepiece tokenizer.model is not read)")
+    raise LMBasicsError(f"{p} is a folder without a tokenizer.json; pass a tokenizer.json, or a model directory "
+                        f"that holds one (a sentencepiece tokenizer.model is not read)")
 
 # %% ../nbs/05_tokenize.ipynb #9a5e1a76
 TEXT_SUFFIXES = ('.txt', '.md')
@@ -125,7 +130,8 @@ def find_inputs(inputs:list[str], # files, folders and glob patterns
                 suffixes:tuple[str, ...]=TEXT_SUFFIXES, # which files of a folder are text
                ) -> list[Path]:
     "The files the inputs name, in order, each once."
-    if not inputs: raise LMBasicsError("no input given: pass text files, folders of them, or glob patterns such as 'data/*.txt'")
+    if not inputs:
+        raise LMBasicsError("no input given: pass text files, folders of them, or glob patterns such as 'data/*.txt'")
     files, seen = [], set()
     def add(found):
         for f in found:
@@ -136,12 +142,16 @@ def find_inputs(inputs:list[str], # files, folders and glob patterns
             found = sorted(_regular(f) for f in p.rglob('*')
                            if f.suffix.lower() in suffixes and f.exists() and not f.is_dir()
                            and not any(part.startswith('.') for part in f.relative_to(p).parts))
-            if not found: raise LMBasicsError(f"folder {p} holds no {' or '.join(suffixes)} files; pass the text files themselves")
+            if not found:
+                raise LMBasicsError(f"folder {p} holds no {' or '.join(suffixes)} files; pass the text "
+                                    f"files themselves")
             add(found)
         elif p.exists(): add([_regular(p)])
         elif any(c in s for c in '*?['):
             found = sorted(_regular(Path(f)) for f in glob.glob(s, recursive=True) if not Path(f).is_dir())
-            if not found: raise LMBasicsError(f"no files match {s!r}; check the pattern (quote it so the shell does not expand it)")
+            if not found:
+                raise LMBasicsError(f"no files match {s!r}; check the pattern (quote it so the shell does "
+                                    f"not expand it)")
             add(found)
         else: raise LMBasicsError(f"input not found: {s}; check the path")
     return files
@@ -166,11 +176,11 @@ def read_text(path:Path, # a UTF-8 text file
             held = len(dec.getstate()[0])
             try: s = dec.decode(b, final=not b)
             except UnicodeDecodeError as e:
-                raise LMBasicsError(f"{path} is not UTF-8 text (byte {pos - held + e.start:,} is not valid UTF-8; is it a binary file?); "
-                                    f"remove it from the inputs or convert it to UTF-8") from None
+                raise LMBasicsError(f"{path} is not UTF-8 text (byte {pos - held + e.start:,} is not valid UTF-8; is "
+                                    f"it a binary file?); remove it from the inputs or convert it to UTF-8") from None
             if '\x00' in s:
-                raise LMBasicsError(f"{path} is binary, not text (NUL byte near byte {pos - held + len(s[:s.index(chr(0))].encode()):,}); "
-                                    f"remove it from the inputs")
+                raise LMBasicsError(f"{path} is binary, not text (NUL byte near byte "
+                                    f"{pos - held + len(s[:s.index(chr(0))].encode()):,}); remove it from the inputs")
             pos += len(b)
             if s: yield s
             if not b: return
@@ -260,10 +270,12 @@ def _bar(total, desc, progress):
 
 # %% ../nbs/05_tokenize.ipynb #8c928a5e
 def _check_out_dir(out:Path, force:bool):
-    if out.exists() and not out.is_dir(): raise LMBasicsError(f"--out {out} is a file; give a directory (it is created if missing)")
+    if out.exists() and not out.is_dir():
+        raise LMBasicsError(f"--out {out} is a file; give a directory (it is created if missing)")
     held = [n for n in PREPARED_FILES if (out/n).exists()]
     if held and not force:
-        raise LMBasicsError(f"{out} already holds prepared data ({', '.join(held)}); pass --force to replace it, or choose another --out")
+        raise LMBasicsError(f"{out} already holds prepared data ({', '.join(held)}); pass --force to replace it, or "
+                            f"choose another --out")
 
 def _alive(pid:int) -> bool:
     try: os.kill(pid, 0)
@@ -283,13 +295,15 @@ def _lock_out_dir(out:Path, force:bool) -> int:
     except BlockingIOError:
         os.close(fd)
         who = ', '.join(f'pid {p}' for p in _work_dirs(out) if p != os.getpid() and _alive(p)) or 'another process'
-        raise LMBasicsError(f"{out} is being written by another lm_basics_prepare ({who}); wait for it to finish, or choose another --out") from None
+        raise LMBasicsError(f"{out} is being written by another lm_basics_prepare ({who}); wait for it to finish, or "
+                            f"choose another --out") from None
     try: _check_out_dir(out, force)   # again, under the lock: one that finished since the first check has written there
     except BaseException: os.close(fd); raise
     return fd
 
 def _make_work_dir(out:Path, force:bool=False) -> tuple[Path, list[Path], int]:
-    "Create `out` (if missing), lock it, and make a temporary directory inside it; return it, the directories created and the lock."
+    """Create `out` (if missing), lock it, and make a temporary directory inside it; return it, the directories created
+    and the lock."""
     created, p = [], out
     while not p.exists(): created.append(p); p = p.parent
     try: out.mkdir(parents=True, exist_ok=True)
@@ -404,21 +418,283 @@ class TrainingText:
             yield text
             if self.ended_by: return
 
+# %% ../nbs/05_tokenize.ipynb #2f272500
+class _Hashing:
+    "Called with each block of bytes read: hashes them, counts them and moves the progress bar."
+    def __init__(self, bar): self.sha, self.size, self.bar = hashlib.sha256(), 0, bar
+    def __call__(self, b:bytes): self.sha.update(b); self.size += len(b); self.bar.update(len(b))
+
+@dataclass
+class Scan:
+    "The inputs as `prepare` reads them, and what the first reading found in them."
+    files:list[Path] # the input files, in order
+    before:dict # the `os.stat` of each input (and of a tokenizer given) before its first reading
+    piece_chars:int # largest piece of a document read at a time
+    progress:bool # show progress bars
+    sources:list[dict] # path, bytes and sha256 of each input file, for `meta.json`
+    total:int # bytes of text
+    documents:int # documents in all the files
+    last_len:int # characters of the last document
+    def summary(self) -> str:
+        return f"Inputs: {len(self.files)} file(s), {self.total / 1e6:.1f} MB, {self.documents:,} document(s)"
+
+def scan_inputs(files:list[Path], # the input files, in order
+                before:dict, # each input's `os.stat` before its first reading (a tokenizer given may be there too)
+                piece_chars:int=1<<16, # largest piece of a document read at a time
+                progress:bool=True, # show a progress bar
+               ) -> Scan:
+    "Read every byte of `files` once: check that it is text and unchanged, hash each file, count the documents."
+    sources, total, n_docs, last_len = [], sum(before[f].st_size for f in files), 0, 0
+    with _bar(total, 'scan', progress) as bar:
+        for f in files:
+            read, doc_len = _Hashing(bar), 0
+            for text, end in iter_pieces([f], piece_chars, read):
+                doc_len += len(text)
+                if end: n_docs += 1; last_len, doc_len = doc_len, 0
+            _check_unchanged(f, before[f], read=read.size)
+            sources.append(dict(path=str(f.resolve()), bytes=read.size, sha256=read.sha.hexdigest()))
+    if n_docs == 0:
+        raise LMBasicsError(f"the input holds no text (only whitespace and separators): "
+                            f"{', '.join(map(str, files[:3]))}; check the inputs")
+    return Scan(files, before, piece_chars, progress, sources, total, n_docs, last_len)
+
+# %% ../nbs/05_tokenize.ipynb #8794adfd
+def train_tokenizer(scan:Scan, # the scanned inputs: the tokenizer trains on the start of their text
+                    vocab_size:int=10000, # size of the vocabulary
+                    special_tokens:list[str]=(EOT,), # whole tokens that are never split
+                    min_frequency:int=2, # a pair must occur this often to become a merge
+                    train_bytes:int=0, # train on the first N bytes of text only (0: all)
+                    distinct_bytes:int=4_000_000, # end the text once its distinct words hold N bytes (0: no limit)
+                   ) -> tuple[Tokenizer, str]:
+    "Train a byte-level BPE on the start of the inputs, in a thread a stop does not wait for; return it and a summary."
+    t0 = time.perf_counter()
+    with _bar(train_bytes or scan.total, 'train tokenizer', scan.progress) as bar:
+        text = TrainingText(scan.files, scan.piece_chars, train_bytes, distinct_bytes, bar.update)
+        try: tok = _wait(_in_background(train_bpe, text, vocab_size, special_tokens, min_frequency))
+        finally: text.stop()   # a stopped prepare stops feeding the trainer it leaves behind
+    first = f" on the first {text.bytes / 1e6:.1f} MB of text"
+    on = {'max_bytes': f"{first} (--tokenizer_train_bytes)",
+          'max_distinct_bytes': f"{first}, where its distinct words reached {distinct_bytes:,} bytes "
+                                f"(--tokenizer_distinct_bytes, which bounds the trainer's memory)"}
+    short = f" (asked for {vocab_size:,}: no other pair occurs {min_frequency} time(s) or more)"
+    return tok, (f"Tokenizer: trained a byte-level BPE of {tok.get_vocab_size():,} tokens in "
+                 f"{time.perf_counter() - t0:.1f} s" + on.get(text.ended_by, '')
+                 + (short if tok.get_vocab_size() < vocab_size else ''))
+
+# %% ../nbs/05_tokenize.ipynb #7d236049
+def route_pieces(pieces:Iterable[tuple[str, bool]], # `(text, ends_document)`, as `iter_pieces` yields them
+                 documents:int, # how many documents the pieces hold
+                 last_len:int, # characters of the last document
+                 val_fraction:float, # fraction of documents (or of the last one) for validation
+                ) -> Iterator[tuple[str, str, bool]]:
+    "Each piece with its split: `(text, 'train'|'val', ends_document)`."
+    i, pos = 0, 0
+    by_document = math.floor(documents * val_fraction) > 0
+    cut = last_len - max(1, round(last_len * val_fraction))   # where the last document splits (too few documents)
+    for text, end in pieces:
+        if by_document: yield text, 'val' if is_val_document(i, val_fraction) else 'train', end
+        elif i < documents - 1: yield text, 'train', end
+        else:
+            if pos < cut < pos + len(text):
+                j = cut_point(text, cut - pos)
+                if j > 0: yield text[:j], 'train', False
+                text = text[j:]; pos += j
+            yield text, 'train' if pos + len(text) <= cut else 'val', end
+            pos += len(text)
+        if end: i += 1
+
+# %% ../nbs/05_tokenize.ipynb #b2a1f480
+def _reread(scan:Scan, bar) -> Iterator[tuple[str, bool]]:
+    "The pieces of the inputs, read again; each file checked, after, to be the bytes the scan hashed."
+    for f, source in zip(scan.files, scan.sources):
+        read = _Hashing(bar)
+        yield from iter_pieces([f], scan.piece_chars, read)
+        _check_unchanged(f, scan.before[f])
+        if read.sha.hexdigest() != source['sha256']:
+            raise _input_changed(f, 'its bytes differ from one reading to the next')
+
+def _batches(items:Iterable[tuple[str, str, bool]], batch_chars:int) -> Iterator[list]:
+    "`items` in lists holding about `batch_chars` characters of text each."
+    batch, n = [], 0
+    for item in items:
+        batch.append(item); n += len(item[0])
+        if n >= batch_chars: yield batch; batch, n = [], 0
+    if batch: yield batch
+
+def _check_round_trip(tok:Tokenizer, texts:list[str], ids:list[list[int]]):
+    "Raise `LMBasicsError` unless each of `ids` decodes back to its text."
+    for text, back in zip(texts, tok.decode_batch(ids, skip_special_tokens=False)):
+        if back != text:
+            k = next((k for k, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+            raise LMBasicsError(f"the tokenizer does not give back the text: decode(encode(text)) differs at "
+                                f"{text[max(0, k-20):k+20]!r}; use a lossless (byte-level) tokenizer, e.g. leave "
+                                f"out --tokenizer to train one")
+
+class SplitFiles:
+    "`train.npy` and `val.npy` being written in `work`: each document's ids, then the `<|endoftext|>` id."
+    def __init__(self, work:Path, dtype:str, eot:int):
+        self.writers = {'train': TokenWriter(work/'train.npy', dtype), 'val': TokenWriter(work/'val.npy', dtype)}
+        self.documents, self.dtype, self.eot = {'train': 0, 'val': 0}, dtype, eot
+    def write(self, batch:list[tuple[str, str, bool]], ids:list[list[int]]):
+        "Append the ids of each piece of `batch` to its split."
+        for (_, dest, end), x in zip(batch, ids):
+            self.writers[dest].write(np.array(x, dtype=self.dtype))
+            if end: self.writers[dest].write(np.array([self.eot], dtype=self.dtype)); self.documents[dest] += 1
+    def close(self):
+        for w in self.writers.values(): w.close()
+    def abandon(self):
+        "Close the files as they are (they are about to be removed)."
+        for w in self.writers.values():
+            try: w.f.close()
+            except OSError: pass   # a full disk fails the close's flush too
+
+@dataclass
+class Splits:
+    "What `encode_splits` wrote."
+    dtype:str # element type of the token files
+    tokens:dict # tokens in each split, by 'train' and 'val'
+    documents:dict # documents ended in each split
+    seconds:float # time the encode pass took
+
+def _finish(batch:list, job:Future, files:SplitFiles, tok:Tokenizer, verify:bool):
+    "Wait for the encoding of `batch`, check it (with `verify`) and write it."
+    ids = [e.ids for e in _wait(job)]
+    if verify: _check_round_trip(tok, [t for t, _, _ in batch], ids)
+    files.write(batch, ids)
+
+def encode_splits(scan:Scan, # the scanned inputs
+                  tok:Tokenizer, # the tokenizer
+                  work:Path, # where train.npy and val.npy are written
+                  val_fraction:float=0.1, # fraction of documents for validation
+                  verify:bool=True, # decode every batch again and check that it gives back the text
+                  batch_chars:int=1<<20, # characters encoded per batch (two batches are in flight)
+                 ) -> Splits:
+    "Encode the inputs into `work/train.npy` and `work/val.npy`, streaming: a batch is encoded while one is written."
+    encode, dtype = getattr(tok, 'encode_batch_fast', tok.encode_batch), token_dtype(tok.get_vocab_size())
+    files = SplitFiles(work, dtype, tok.token_to_id(EOT))
+    t0 = time.perf_counter()
+    try:
+        with _bar(scan.total, 'encode', scan.progress) as bar:
+            pending = None
+            for batch in _batches(route_pieces(_reread(scan, bar), scan.documents, scan.last_len, val_fraction),
+                                  batch_chars):
+                job = _in_background(encode, [t for t, _, _ in batch], add_special_tokens=False)
+                if pending is not None: _finish(*pending, files, tok, verify)
+                pending = (batch, job)   # encoded in the background while the next batch is read
+            if pending is not None: _finish(*pending, files, tok, verify)
+        files.close()
+        seconds = time.perf_counter() - t0
+    except BaseException:
+        with _signals_held(): files.abandon()   # a second Ctrl-C does not cut this short
+        raise
+    tokens = {k: w.count for k, w in files.writers.items()}
+    if not all(tokens.values()):
+        raise LMBasicsError(f"the {'validation' if tokens['val'] == 0 else 'training'} split is empty; "
+                            f"use more text or another --val_fraction")
+    return Splits(dtype, tokens, dict(files.documents), seconds)
+
+# %% ../nbs/05_tokenize.ipynb #ede590f9
+class Staging:
+    "The locked temporary directory in `out` that `prepare` writes in: published whole, or removed on any error."
+    def __init__(self, out:Path, # the output directory (created if missing)
+                 force:bool=False, # replace prepared data already in `out`
+                 before:dict|None=None, # the inputs' `os.stat`, checked before publishing and on an error
+                ):
+        self.out, self.before, self.published = out, before or {}, False
+        self.work, self.created, self.lock = _make_work_dir(out, force)
+    def check_inputs(self):
+        "Raise `LMBasicsError` if an input changed since its `os.stat` was noted."
+        for f, st in self.before.items(): _check_unchanged(f, st)
+    def publish(self, names=PREPARED_FILES):
+        "Move the files into `out`: all of them, or (if this is cut short) none."
+        self.check_inputs()   # the files were what the scan saw, to the end
+        with _signals_held():   # all four files or none: a signal now waits until they are in place
+            for n in names: os.replace(self.work/n, self.out/n)
+            self.published = True
+            self.work.rmdir()
+    def __enter__(self): return self
+    def __exit__(self, typ, e, tb):
+        try:
+            if e is not None and not self.published: self._abandon(e)
+        finally: os.close(self.lock)   # the next prepare into `out` may start
+    def _abandon(self, e:BaseException):
+        with _signals_held(): _cleanup(self.work, self.created)   # a second Ctrl-C does not cut the cleanup short
+        if isinstance(e, (LMBasicsError, OSError)): self.check_inputs()   # an input changed explains any error best
+        if ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+                or 'No space left on device' in str(e)):   # (the tokenizer's own save says it in its message)
+            why = getattr(e, 'strerror', None) or 'No space left on device'
+            raise LMBasicsError(f"cannot write the prepared data in {self.out} ({why}); nothing was kept; free disk "
+                                f"space or choose another --out (the token files take 2 bytes per token, 4 past "
+                                f"65,536 ids)") from None
+        if isinstance(e, OSError):   # (the temporary directory removed by someone else, say)
+            raise LMBasicsError(f"cannot write the prepared data in {self.out} ({e.strerror}: {e.filename}); nothing "
+                                f"was kept; make sure nothing else moves or removes {self.out} while "
+                                f"lm_basics_prepare runs") from None
+
+def prepared_meta(scan:Scan, # the scanned inputs
+                  splits:Splits, # the token files written
+                  tok:Tokenizer, # the tokenizer
+                  tokenizer:str|None, # the tokenizer.json it was loaded from (None: trained)
+                  special_tokens:list[str], # the special tokens asked for
+                  val_fraction:float, # the fraction of documents for validation
+                 ) -> dict:
+    "What `meta.json` records about the prepared data."
+    by_document, n = math.floor(scan.documents * val_fraction) > 0, sum(splits.tokens.values())
+    return dict(vocab_size=tok.get_vocab_size(), dtype=splits.dtype, eot_id=tok.token_to_id(EOT),
+                special_tokens={s: tok.token_to_id(s) for s in special_tokens if tok.token_to_id(s) is not None},
+                tokenizer='trained byte-level BPE' if tokenizer is None else str(Path(tokenizer).resolve()),
+                train_tokens=splits.tokens['train'], val_tokens=splits.tokens['val'],
+                train_documents=splits.documents['train'], val_documents=splits.documents['val'],
+                documents=scan.documents, val_fraction=val_fraction,
+                split='by document' if by_document else 'the last document: its tail goes to validation '
+                                                        '(too few documents to split by document)',
+                input_bytes=scan.total, bytes_per_token=round(scan.total / n, 4), sources=scan.sources)
+
+def stage_output(work:Path, # the staging directory, which holds the token files
+                 tok:Tokenizer, # the tokenizer
+                 tokenizer:str|None, # the tokenizer.json it was loaded from, copied as it is (None: save `tok`)
+                 meta:dict, # what `meta.json` records
+                ):
+    "Write `tokenizer.json` and `meta.json` beside the token files."
+    if tokenizer is not None: shutil.copyfile(tokenizer, work/'tokenizer.json')
+    else: tok.save(str(work/'tokenizer.json'))
+    (work/'meta.json').write_text(json.dumps(meta, indent=2) + '\n')
+
 # %% ../nbs/05_tokenize.ipynb #94116f81
 def _check_numbers(val_fraction, tokenizer_train_bytes, tokenizer_distinct_bytes, piece_chars, batch_chars):
     "Refuse the numbers given to `prepare` (other than the tokenizer's own) that cannot work, before anything is read."
-    if not 0 < val_fraction < 1: raise LMBasicsError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}; 0.1 is typical")
+    if not 0 < val_fraction < 1:
+        raise LMBasicsError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}; 0.1 is typical")
     for name, v in (('tokenizer_train_bytes', tokenizer_train_bytes),
                     ('tokenizer_distinct_bytes', tokenizer_distinct_bytes)):
         if v < 0:
             raise LMBasicsError(f"{name} must be 0 (no limit) or a number of bytes, got {v}; use --{name} 0 or more")
-    if piece_chars < 64 or batch_chars < piece_chars: raise LMBasicsError("piece_chars must be at least 64 and batch_chars at least piece_chars")
+    if piece_chars < 64 or batch_chars < piece_chars:
+        raise LMBasicsError("piece_chars must be at least 64 and batch_chars at least piece_chars")
+
+def _note_inputs(files:list[Path], tokenizer:str|None) -> dict:
+    "What each input (and a tokenizer given) is before it is read, its `os.stat`; refuse an empty input."
+    before = {f: os.stat(f) for f in files + ([Path(tokenizer)] if tokenizer is not None else [])}
+    for f in files:
+        if before[f].st_size == 0: raise LMBasicsError(f"input {f} is empty; remove it from the inputs")
+    return before
+
+def _report(say, out:Path, meta:dict, model_dir:str|None):
+    "Say what `prepare` did, and how to train on it."
+    n_train, n_val = meta['train_tokens'], meta['val_tokens']
+    say(f"Encoded {meta['input_bytes'] / 1e6:.1f} MB in {meta['encode_seconds']:.1f} s ({meta['encode_mb_per_s']:.2f} "
+        f"MB/s): {n_train + n_val:,} tokens, {meta['bytes_per_token']:.2f} bytes/token; "
+        f"peak RSS {meta['peak_rss_mb']:.0f} MiB")
+    say(f"Wrote {out/'train.npy'} ({n_train:,} tokens, {meta['train_documents']:,} documents), {out/'val.npy'} "
+        f"({n_val:,} tokens, {meta['val_documents']:,} documents), {out/'tokenizer.json'}, {out/'meta.json'}")
+    start = f"--init_from {model_dir}" if model_dir else f"--vocab_size {meta['vocab_size']}"
+    say(f"Train with: lm_basics_train --train_data_path {out/'train.npy'} --val_data_path {out/'val.npy'} {start}")
 
 def prepare(inputs:list[str], # text files, folders of them, or glob patterns
             out:str|Path, # output directory for train.npy, val.npy, tokenizer.json and meta.json
             vocab_size:int=10000, # vocabulary size of the tokenizer to train
             special_tokens:list[str]=(EOT,), # special tokens of the trained tokenizer (<|endoftext|> is always one)
-            tokenizer:str|None=None, # a tokenizer.json to reuse instead of training one, or a model directory holding one
+            tokenizer:str|None=None, # a tokenizer.json to reuse instead of training one, or a model directory with one
             val_fraction:float=0.1, # fraction of documents for validation
             min_frequency:int=2, # a pair must occur this often to become a merge
             tokenizer_train_bytes:int=0, # train the tokenizer on the first N bytes of text only (0: all)
@@ -430,158 +706,35 @@ def prepare(inputs:list[str], # text files, folders of them, or glob patterns
             batch_chars:int=1<<20, # characters encoded per batch (bounds the memory: two batches are in flight)
             log=None, # where the summary goes (default: stdout; False for none)
            ) -> dict:
-    "Tokenize text files into `train.npy`, `val.npy`, `tokenizer.json` and `meta.json` in `out`; return the metadata and timings."
+    "Tokenize text files into `out`: train.npy, val.npy, tokenizer.json and meta.json; return the metadata and timings."
     say = Console(None if log is False else log, quiet=log is False).say
     special_tokens = [EOT] + [s for s in dict.fromkeys(special_tokens) if s != EOT]
-    if any(not s or s.isspace() for s in special_tokens): raise LMBasicsError(f"special tokens must not be empty: {special_tokens}")
+    if any(not s or s.isspace() for s in special_tokens):
+        raise LMBasicsError(f"special tokens must not be empty: {special_tokens}")
     if tokenizer is None: check_bpe_settings(vocab_size, special_tokens, min_frequency)
     model_dir = tokenizer if tokenizer is not None and Path(tokenizer).is_dir() else None   # a model to fine-tune
     if tokenizer is not None: tokenizer = str(tokenizer_file(tokenizer))
     _check_numbers(val_fraction, tokenizer_train_bytes, tokenizer_distinct_bytes, piece_chars, batch_chars)
-    files = find_inputs(list(inputs))
-    out = Path(out)
+    files, out = find_inputs(list(inputs)), Path(out)
     _check_out_dir(out, force)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    watched = files + ([Path(tokenizer)] if tokenizer is not None else [])
-    before = {f: os.stat(f) for f in watched}   # what each input is before it is read: checked after each reading
-    for f in files:
-        if before[f].st_size == 0: raise LMBasicsError(f"input {f} is empty; remove it from the inputs")
-    writers, published = {}, False
-    work, created, lock = _make_work_dir(out, force)   # from here on, the `except` below cleans up
-    try:
-        # -- scan: validate, hash and count documents
-        sources, total = [], sum(st.st_size for st in before.values())
-        n_docs, last_len = 0, 0
-        with _bar(total, 'scan', progress) as bar:
-            for f in files:
-                h, size = hashlib.sha256(), 0
-                def on_bytes(b, h=h):
-                    nonlocal size
-                    h.update(b); size += len(b); bar.update(len(b))
-                doc_len = 0
-                for text, end in iter_pieces([f], piece_chars, on_bytes):
-                    doc_len += len(text)
-                    if end: n_docs += 1; last_len, doc_len = doc_len, 0
-                _check_unchanged(f, before[f], read=size)
-                sources.append(dict(path=str(f.resolve()), bytes=size, sha256=h.hexdigest()))
-        if n_docs == 0: raise LMBasicsError(f"the input holds no text (only whitespace and separators): {', '.join(map(str, files[:3]))}; check the inputs")
-        split_by_document = math.floor(n_docs * val_fraction) > 0
-        say(f"Inputs: {len(files)} file(s), {total / 1e6:.1f} MB, {n_docs:,} document(s)")
-
-        # -- train the tokenizer, in a thread that a stop does not wait for
+    before = _note_inputs(files, tokenizer)   # checked after each reading
+    with Staging(out, force, before) as staging:   # from here on, an error removes what was written
+        scan = scan_inputs(files, before, piece_chars, progress)
+        say(scan.summary())
         if tok is None:
-            t0 = time.perf_counter()
-            with _bar(tokenizer_train_bytes or total, 'train tokenizer', progress) as bar:
-                text = TrainingText(files, piece_chars, tokenizer_train_bytes, tokenizer_distinct_bytes, bar.update)
-                try: tok = _wait(_in_background(train_bpe, text, vocab_size, special_tokens, min_frequency))
-                finally: text.stop()   # a stopped prepare stops feeding the trainer it leaves behind
-            first = f" on the first {text.bytes / 1e6:.1f} MB of text"
-            on = {'max_bytes': f"{first} (--tokenizer_train_bytes)",
-                  'max_distinct_bytes': f"{first}, where its distinct words reached {tokenizer_distinct_bytes:,} bytes "
-                                        f"(--tokenizer_distinct_bytes, which bounds the trainer's memory)"}
-            short = f" (asked for {vocab_size:,}: no other pair occurs {min_frequency} time(s) or more)"
-            say(f"Tokenizer: trained a byte-level BPE of {tok.get_vocab_size():,} tokens in {time.perf_counter() - t0:.1f} s"
-                + on.get(text.ended_by, '') + (short if tok.get_vocab_size() < vocab_size else ''))
-        else: say(f"Tokenizer: {tokenizer} ({tok.get_vocab_size():,} tokens)")
-        vocab, eot = tok.get_vocab_size(), tok.token_to_id(EOT)
-        dtype = token_dtype(vocab)
-
-        # -- encode, streaming
-        writers = {'train': TokenWriter(work/'train.npy', dtype), 'val': TokenWriter(work/'val.npy', dtype)}
-        docs = {'train': 0, 'val': 0}
-        encode = getattr(tok, 'encode_batch_fast', tok.encode_batch)
-        def routed():
-            "Pieces with their destination: (text, 'train'|'val', ends_document); each file's bytes hashed again."
-            i, pos = 0, 0
-            cut = last_len - max(1, round(last_len * val_fraction))   # where the last document splits (too few documents)
-            for f, source in zip(files, sources):
-                h = hashlib.sha256()
-                for text, end in iter_pieces([f], piece_chars, lambda b: (h.update(b), bar.update(len(b)))):
-                    if split_by_document: yield text, 'val' if is_val_document(i, val_fraction) else 'train', end
-                    elif i < n_docs - 1: yield text, 'train', end
-                    else:
-                        if pos < cut < pos + len(text):
-                            j = cut_point(text, cut - pos)
-                            if j > 0: yield text[:j], 'train', False
-                            text = text[j:]; pos += j
-                        yield text, 'train' if pos + len(text) <= cut else 'val', end
-                        pos += len(text)
-                    if end: i += 1
-                _check_unchanged(f, before[f])
-                if h.hexdigest() != source['sha256']:
-                    raise _input_changed(f, 'its bytes differ from one reading to the next')
-        def batches():
-            batch, n = [], 0
-            for item in routed():
-                batch.append(item); n += len(item[0])
-                if n >= batch_chars: yield batch; batch, n = [], 0
-            if batch: yield batch
-        def write(batch, encs):
-            ids = [e.ids for e in encs]
-            if verify:
-                for (text, _, _), back in zip(batch, tok.decode_batch(ids, skip_special_tokens=False)):
-                    if back != text:
-                        k = next((k for k, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
-                        raise LMBasicsError(f"the tokenizer does not give back the text: decode(encode(text)) differs at {text[max(0, k-20):k+20]!r}; "
-                                            f"use a lossless (byte-level) tokenizer, e.g. leave out --tokenizer to train one")
-            for (_, dest, end), x in zip(batch, ids):
-                writers[dest].write(np.array(x, dtype=dtype))
-                if end: writers[dest].write(np.array([eot], dtype=dtype)); docs[dest] += 1
-        t0 = time.perf_counter()
-        with _bar(total, 'encode', progress) as bar:
-            pending = None
-            for batch in batches():   # the next batch is encoded (in the background) while this one is written
-                job = _in_background(encode, [t for t, _, _ in batch], add_special_tokens=False)
-                if pending is not None: write(pending[0], _wait(pending[1]))
-                pending = (batch, job)
-            if pending is not None: write(pending[0], _wait(pending[1]))
-        for w in writers.values(): w.close()
-        seconds = time.perf_counter() - t0
-        n_train, n_val = writers['train'].count, writers['val'].count
-        if n_val == 0 or n_train == 0:
-            raise LMBasicsError(f"the {'validation' if n_val == 0 else 'training'} split is empty; use more text or another --val_fraction")
-
-        # -- write the tokenizer and the metadata, then move everything into place
-        if tokenizer is not None: shutil.copyfile(tokenizer, work/'tokenizer.json')
-        else: tok.save(str(work/'tokenizer.json'))
-        meta = dict(vocab_size=vocab, dtype=dtype, eot_id=eot,
-                    special_tokens={s: tok.token_to_id(s) for s in special_tokens if tok.token_to_id(s) is not None},
-                    tokenizer='trained byte-level BPE' if tokenizer is None else str(Path(tokenizer).resolve()),
-                    train_tokens=n_train, val_tokens=n_val, train_documents=docs['train'], val_documents=docs['val'],
-                    documents=n_docs, val_fraction=val_fraction,
-                    split='by document' if split_by_document else 'the last document: its tail goes to validation (too few documents to split by document)',
-                    input_bytes=total, bytes_per_token=round(total / (n_train + n_val), 4), sources=sources)
-        (work/'meta.json').write_text(json.dumps(meta, indent=2) + '\n')
-        for f in watched: _check_unchanged(f, before[f])   # the files were what the scan saw, to the end
-        with _signals_held():   # all four files or none: a signal now waits until they are in place
-            for n in PREPARED_FILES: os.replace(work/n, out/n)
-            published = True
-            work.rmdir()
-    except BaseException as e:
-        if published: raise   # (a signal held while publishing): the prepared data stands
-        with _signals_held():   # a second Ctrl-C does not cut the cleanup short
-            for w in writers.values():
-                try: w.f.close()
-                except OSError: pass   # a full disk fails the close's flush too
-            _cleanup(work, created)
-        if isinstance(e, (LMBasicsError, OSError)):
-            for f in watched: _check_unchanged(f, before[f])   # an input changed underneath explains any error best
-        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or 'No space left on device' in str(e):
-            why = getattr(e, 'strerror', None) or 'No space left on device'   # (the tokenizer's own save says it in its message)
-            raise LMBasicsError(f"cannot write the prepared data in {out} ({why}); nothing was kept; free disk space or "
-                                f"choose another --out (the token files take 2 bytes per token, 4 past 65,536 ids)") from None
-        if isinstance(e, OSError):   # (the temporary directory removed by someone else, say)
-            raise LMBasicsError(f"cannot write the prepared data in {out} ({e.strerror}: {e.filename}); nothing was "
-                                f"kept; make sure nothing else moves or removes {out} while lm_basics_prepare runs") from None
-        raise
-    finally: os.close(lock)   # the next prepare into `out` may start
-    stats = dict(encode_seconds=round(seconds, 3), encode_mb_per_s=round(total / 1e6 / max(seconds, 1e-9), 3), peak_rss_mb=round(peak_rss_mb(), 1))
-    say(f"Encoded {total / 1e6:.1f} MB in {seconds:.1f} s ({stats['encode_mb_per_s']:.2f} MB/s): {n_train + n_val:,} tokens, "
-        f"{meta['bytes_per_token']:.2f} bytes/token; peak RSS {stats['peak_rss_mb']:.0f} MiB")
-    say(f"Wrote {out/'train.npy'} ({n_train:,} tokens, {docs['train']:,} documents), {out/'val.npy'} ({n_val:,} tokens, "
-        f"{docs['val']:,} documents), {out/'tokenizer.json'}, {out/'meta.json'}")
-    start = f"--init_from {model_dir}" if model_dir else f"--vocab_size {vocab}"
-    say(f"Train with: lm_basics_train --train_data_path {out/'train.npy'} --val_data_path {out/'val.npy'} {start}")
+            tok, line = train_tokenizer(scan, vocab_size, special_tokens, min_frequency, tokenizer_train_bytes,
+                                        tokenizer_distinct_bytes)
+        else: line = f"Tokenizer: {tokenizer} ({tok.get_vocab_size():,} tokens)"
+        say(line)
+        splits = encode_splits(scan, tok, staging.work, val_fraction, verify, batch_chars)
+        meta = prepared_meta(scan, splits, tok, tokenizer, special_tokens, val_fraction)
+        stage_output(staging.work, tok, tokenizer, meta)
+        staging.publish()
+    seconds = splits.seconds
+    stats = dict(encode_seconds=round(seconds, 3), encode_mb_per_s=round(scan.total / 1e6 / max(seconds, 1e-9), 3),
+                 peak_rss_mb=round(peak_rss_mb(), 1))
+    _report(say, out, meta | stats, model_dir)
     return meta | stats
 
 # %% ../nbs/05_tokenize.ipynb #e323bbd7
@@ -603,16 +756,17 @@ def read_meta(path:str|Path, # a meta.json written by `prepare` (or for a built-
     return meta
 
 # %% ../nbs/05_tokenize.ipynb #4932141e
-PREPARE_FLAGS = ('out', 'vocab_size', 'special_tokens', 'tokenizer', 'val_fraction', 'min_frequency', 'tokenizer_train_bytes',
-                 'tokenizer_distinct_bytes', 'force', 'verify', 'progress')
+PREPARE_FLAGS = ('out', 'vocab_size', 'special_tokens', 'tokenizer', 'val_fraction', 'min_frequency',
+                 'tokenizer_train_bytes', 'tokenizer_distinct_bytes', 'force', 'verify', 'progress')
 
 # %% ../nbs/05_tokenize.ipynb #3a0ba1d7
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_prepare`."
     p = CLIParser(prog='lm_basics_prepare',
-                  description="Train a byte-level BPE tokenizer on text files (or reuse one) and write train.npy, val.npy, "
-                              "tokenizer.json and meta.json for lm_basics_train. Documents inside a file are separated by <|endoftext|>.")
+                  description="Train a byte-level BPE tokenizer on text files (or reuse one) and write "
+                              "train.npy, val.npy, tokenizer.json and meta.json for lm_basics_train. Documents inside "
+                              "a file are separated by <|endoftext|>.")
     args, given = p.add_flags(prepare, ['inputs'] + list(PREPARE_FLAGS), positional=('inputs',)).parse(argv)
     if args['tokenizer'] is not None:
         if clash := [f for f in ('vocab_size', 'special_tokens', 'min_frequency', 'tokenizer_train_bytes',

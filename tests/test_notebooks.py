@@ -74,6 +74,13 @@ def test_the_stamp_follows_the_code_cells(tmp_path):
     first['cells'][1]['source'] = ['x = (6 *   # a comment and a new layout: the same code, still fresh\n', '     7)\n', 'x']
     nb.write_text(json.dumps(first, indent=1))
     assert run_notebooks.is_fresh(nb)
+    first['cells'][4]['source'] = ['def f():\n', '    """A docstring re-wrapped\n', '    over two lines."""\n', '\n'] + first['cells'][4]['source']
+    nb.write_text(json.dumps(first, indent=1)); first = json.loads(nb.read_text())
+    assert not run_notebooks.is_fresh(nb)   # a new function: stale
+    assert _run(nb).returncode == 0; first = json.loads(nb.read_text())
+    first['cells'][4]['source'][1:3] = ['    """A docstring re-wrapped over two lines."""\n']   # only its layout: still fresh
+    nb.write_text(json.dumps(first, indent=1))
+    assert run_notebooks.is_fresh(nb)
     first['cells'][2]['source'] = ["#| eval: false\n", "print('slow ran')"]   # a directive decides what runs: stale
     nb.write_text(json.dumps(first, indent=1))
     assert not run_notebooks.is_fresh(nb)

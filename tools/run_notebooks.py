@@ -26,12 +26,19 @@ SLOW_CELL = 10.0             # seconds: a cell slower than this that `nbdev_test
 
 def code_meaning(src:str) -> str:
     """What a code cell does, without its layout: its directives (`#| ...`, which decide whether and how it runs) and
-    the syntax tree of its code, so re-wrapping a line or editing a comment leaves the outputs fresh, and any change to
-    what runs does not. A cell Python cannot parse (a `%magic`) counts as its text."""
+    the syntax tree of its code (docstrings with their whitespace collapsed), so re-wrapping a line or a docstring or
+    editing a comment leaves the outputs fresh, and any change to what runs does not. A cell Python cannot parse (a `%magic`) counts as its text."""
     import ast
     directives = [l.strip() for l in src.splitlines() if l.lstrip().startswith('#|')]
-    try: tree = ast.dump(ast.parse(src))
-    except SyntaxError: tree = src
+    try: tree = ast.parse(src)
+    except SyntaxError: tree = None
+    if tree is not None:
+        for node in ast.walk(tree):   # a docstring re-wrapped is the same docstring: its whitespace is layout
+            body = getattr(node, 'body', None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+               and isinstance(body[0].value.value, str):
+                body[0].value.value = ' '.join(body[0].value.value.split())
+    tree = src if tree is None else ast.dump(tree)
     return '\n'.join(directives + [tree])
 
 def code_sha256(nb:dict) -> str:

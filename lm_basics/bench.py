@@ -28,7 +28,8 @@ __all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'ReferenceAttention',
 
 # %% ../nbs/11_bench.ipynb #b7e1c0a2
 class ReferenceAttention(nn.Module):
-    "nanoGPT's causal self-attention: one `c_attn` projection (with bias) to q, k, v; `F.scaled_dot_product_attention`; `c_proj`."
+    """nanoGPT's causal self-attention: one `c_attn` projection (with bias) to q, k, v;
+    `F.scaled_dot_product_attention`; `c_proj`."""
     def __init__(self, d_model:int, num_heads:int):
         super().__init__()
         self.num_heads = num_heads
@@ -36,7 +37,8 @@ class ReferenceAttention(nn.Module):
     def forward(self, x):  # (B, T, d)
         B, T, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)
-        q, k, v = (t.view(B, T, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.num_heads, d // self.num_heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)                                     # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, d))                                # (B, T, d)
 
@@ -58,7 +60,8 @@ class ReferenceBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 class ReferenceGPT(nn.Module):
-    "GPT-2 as the minimal trainers write it: learned positions, LayerNorm blocks, a GELU MLP, cross-entropy over the full logits."
+    """GPT-2 as the minimal trainers write it: learned positions, LayerNorm blocks, a GELU MLP, cross-entropy over the
+    full logits."""
     def __init__(self, vocab_size:int, context_length:int, d_model:int, num_layers:int, num_heads:int,
                  d_ff:int|None=None, # MLP width; unset: 4 d_model
                  tie_embeddings:bool=False, # share the token embedding with the LM head, as nanoGPT does
@@ -74,7 +77,8 @@ class ReferenceGPT(nn.Module):
         if tie_embeddings: self.wte.weight = self.lm_head.weight
         for name, p in self.named_parameters():   # GPT-2's initialisation; LayerNorm gains stay 1
             if name.endswith('bias'): nn.init.zeros_(p)
-            elif p.dim() == 2: nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith('c_proj.weight') else 0.02)
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith('c_proj.weight') else 0.02)
     def forward(self, idx, targets):  # (B, T) ids and next ids -> mean cross-entropy
         T = idx.shape[1]
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))   # (B, T, d)
@@ -95,8 +99,8 @@ def reference_step(model:ReferenceGPT, # the model, on its device
     "nanoGPT's training step for `model`: a function `step(x, y) -> loss` that takes one AdamW step."
     dev = next(model.parameters()).device
     decay, rest = [p for p in model.parameters() if p.dim() >= 2], [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)], lr=6e-4, betas=(0.9, 0.95),
-                            **(dict(fused=True) if dev.type == 'cuda' else dict(foreach=True)))
+    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)], lr=6e-4,
+                            betas=(0.9, 0.95), **(dict(fused=True) if dev.type == 'cuda' else dict(foreach=True)))
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == 'float16')
     forward = torch.compile(model) if compile else model
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=getattr(torch, dtype))
@@ -119,14 +123,17 @@ class FixedBatch:
 
 def _setup_step(s:dict, # `bench_train_step`'s settings: the shapes, compile, loss_chunk, dtype, device, reference
                ):
-    "A model and a fixed random batch; return `(model, step)`, `step()` being the trainer's `TrainStep` (or `reference_step`) on that batch."
-    dev, vocab_size, batch_size, context_length = resolve_device(s['device']), s['vocab_size'], s['batch_size'], s['context_length']
+    """A model and a fixed random batch; return `(model, step)`, `step()` being the trainer's `TrainStep` (or
+    `reference_step`) on that batch."""
+    dev, vocab_size, batch_size, context_length = (resolve_device(s['device']), s['vocab_size'], s['batch_size'],
+                                                   s['context_length'])
     shapes = [s[k] for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads')]
     d_ff = s['d_ff'] or int(8 * s['d_model'] / 3 + 7) // 8 * 8
     g = torch.Generator().manual_seed(1)   # the same batch for every variant
     x, y = (torch.randint(vocab_size, (batch_size, context_length), generator=g).to(dev) for _ in range(2))
     torch.manual_seed(0)
-    if dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as the trainer does (and nanoGPT)
+    # as the trainer does (and nanoGPT)
+    if dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if s.get('reference'):   # its own MLP width (4 d_model): d_ff is SwiGLU's
         model = ReferenceGPT(*shapes).to(dev)
         step = reference_step(model, s['compile'], s['dtype'])
@@ -135,7 +142,8 @@ def _setup_step(s:dict, # `bench_train_step`'s settings: the shapes, compile, lo
     step = TrainStep(model, make_optimizer(model, device_type=dev.type), dtype=s['dtype'], loss_chunk=s['loss_chunk'],
                      compile=s['compile'])
     batch = FixedBatch(x, y)
-    return model, lambda: step(batch, check=dev.type == 'cpu').loss   # the trainer checks every step on the CPU (free there)
+    # the trainer checks every step on the CPU (free there)
+    return model, lambda: step(batch, check=dev.type == 'cpu').loss
 
 def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
@@ -153,8 +161,10 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
                      steps:int=5, # timed steps
                      warmup:int=2, # untimed steps first (compilation happens here)
                      device:str='cpu', # device to run on: cpu, cuda, cuda:N or mps
-                     peak:float|None=None, # peak FLOP/s for MFU; unset: peak_flops(device), on a CPU probed around the timed steps
-                     reference:bool=False, # time `reference_step` on a `ReferenceGPT` of these shapes instead of the trainer's step
+                     # peak FLOP/s for MFU; unset: peak_flops(device), on a CPU probed around the timed steps
+                     peak:float|None=None,
+                     # time `reference_step` on a `ReferenceGPT` of these shapes instead of the trainer's step
+                     reference:bool=False,
                     ) -> dict:
     "Time full training steps of one configuration; return tokens/sec, ms/step, MFU and peak memory."
     settings = dict(locals())   # the arguments, as given
@@ -173,11 +183,13 @@ def bench_train_step(vocab_size:int=10000, # vocabulary size
     n = model.count_parameters() if reference else count_parameters(model)
     tps = batch_size * context_length / dt
     achieved = tps * flops_per_token(model.config, n['non_embedding'])
-    if pk is not None:   # probe again next to the timed steps (the better reading counts), and `Peak` raises it to the steps' own rate
+    # probe again next to the timed steps (the better reading counts), and `Peak` raises it to the steps' own rate
+    if pk is not None:
         pk.refresh(); mfu, peak = pk.mfu(achieved), pk.value
     else: mfu = achieved / peak if peak else float('nan')
     mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
-    return dict(model='reference' if reference else 'lm_basics', compile=compile, dtype=dtype, loss_chunk=None if reference else loss_chunk,
+    return dict(model='reference' if reference else 'lm_basics', compile=compile, dtype=dtype,
+                loss_chunk=None if reference else loss_chunk,
                 tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
                 mfu=mfu,
                 peak_mem_mb=mem, params=n['total'], peak_flops=peak)
@@ -187,14 +199,16 @@ MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_s
 
 def _kind(op:str) -> str:
     if op in MATMUL_OPS: return 'matmul'
-    return 'attention' if 'scaled_dot_product' in op or 'flash_attention' in op or 'efficient_attention' in op else 'other'
+    return ('attention' if 'scaled_dot_product' in op or 'flash_attention' in op or 'efficient_attention' in op
+            else 'other')
 
 @delegates(bench_train_step, but=['steps', 'warmup', 'peak'])
 def profile_train_step(steps:int=2, # profiled steps
                        warmup:int=2, # unprofiled steps first (compilation happens here)
                        top:int=12, # operators to list
                        **kwargs) -> dict:
-    "Profile training steps: the top operators by self time, the share of matmul and attention, and the matmuls' own FLOP rate."
+    """Profile training steps: the top operators by self time, the share of matmul and attention, and the matmuls' own
+    FLOP rate."""
     from torch.profiler import profile, ProfilerActivity
     kw = dict(inspect.signature(bench_train_step).parameters)
     cfg = {k: kwargs.get(k, p.default) for k, p in kw.items() if k not in ('steps', 'warmup', 'peak')}
@@ -214,9 +228,10 @@ def profile_train_step(steps:int=2, # profiled steps
     ops = sorted([o for o in merged.values() if o['ms'] > 0], key=lambda o: -o['ms'])
     total = sum(o['ms'] for o in ops)
     share = {k: sum(o['ms'] for o in ops if o['kind'] == k) / total for k in ('matmul', 'attention', 'other')}
-    mm_ms, mm_flops = sum(o['ms'] for o in ops if o['kind'] == 'matmul'), sum(o['flops'] for o in ops if o['kind'] == 'matmul')
-    return dict(model='reference' if cfg['reference'] else 'lm_basics', compile=cfg['compile'], dtype=cfg['dtype'], step_ms=total, share=share,
-                matmul_flops_per_sec=mm_flops / (mm_ms / 1e3) if mm_ms else float('nan'),
+    mm_ms, mm_flops = (sum(o['ms'] for o in ops if o['kind'] == 'matmul'),
+                       sum(o['flops'] for o in ops if o['kind'] == 'matmul'))
+    return dict(model='reference' if cfg['reference'] else 'lm_basics', compile=cfg['compile'], dtype=cfg['dtype'],
+                step_ms=total, share=share, matmul_flops_per_sec=mm_flops / (mm_ms / 1e3) if mm_ms else float('nan'),
                 top=[{**o, 'share': o['ms'] / total} for o in ops[:top]])
 
 # %% ../nbs/11_bench.ipynb #1b6a4464
@@ -243,23 +258,28 @@ def run_isolated(func:str, # name of a function of this module: 'bench_train_ste
     p = subprocess.run([sys.executable, '-c', code, func, json.dumps(kwargs)], capture_output=True, text=True)
     if p.returncode != 0:
         why = next((l for l in reversed(p.stderr.strip().splitlines()) if l.strip()), f'exit status {p.returncode}')
-        raise LMBasicsError(f"{func}({', '.join(f'{k}={v!r}' for k, v in kwargs.items() if k in ('compile', 'dtype'))}) failed: {why}; "
-                            f"leave that variant out (--variants)")
+        raise LMBasicsError(
+            f"{func}({', '.join(f'{k}={v!r}' for k, v in kwargs.items() if k in ('compile', 'dtype'))}) failed: {why}; "
+            f"leave that variant out (--variants)")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/11_bench.ipynb #4b15ba01
-BENCH_FLAGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'batch_size', 'loss_chunk', 'steps', 'warmup', 'device')
+BENCH_FLAGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'batch_size', 'loss_chunk',
+               'steps', 'warmup', 'device')
 MODES, DTYPES = ('eager', 'compiled'), ('float32', 'bfloat16', 'float16')
 
 def _name(r:dict) -> str:
-    "A result's variant as the tables write it: `eager float32`, or `reference compiled float32` for the reference step."
-    return ('reference ' if r.get('model') == 'reference' else '') + f"{'compiled' if r['compile'] else 'eager'} {r['dtype']}"
+    """A result's variant as the tables write it: `eager float32`, or `reference compiled float32` for the reference
+    step."""
+    return (('reference ' if r.get('model') == 'reference' else '')
+            + f"{'compiled' if r['compile'] else 'eager'} {r['dtype']}")
 
 def _table(rows:list[dict]) -> str:
     head = ("| variant | tokens/sec | ms/step | MFU | peak (GFLOP/s) | peak memory (MiB) | warm-up (s) |\n"
             "|---|---:|---:|---:|---:|---:|---:|\n")
     return head + ''.join(f"| {_name(r)} | {r['tokens_per_sec']:,.0f} | {r['ms_per_step']:.0f} | "
-                          f"{r['mfu'] * 100:.1f}% | {r['peak_flops'] / 1e9:,.1f} | {r['peak_mem_mb']:,.0f} | {r['warmup_s']:.1f} |\n" for r in rows)
+                          f"{r['mfu'] * 100:.1f}% | {r['peak_flops'] / 1e9:,.1f} | {r['peak_mem_mb']:,.0f} | "
+                          f"{r['warmup_s']:.1f} |\n" for r in rows)
 
 def _profile_text(pr:dict, peak:float) -> str:
     s = pr['share']
@@ -275,75 +295,97 @@ def _variants(spec:str, device:torch.device) -> list[tuple[str, str]]:
     for v in spec.split(','):
         mode, _, dtype = v.strip().partition(':')
         if mode not in MODES or dtype not in DTYPES:
-            raise LMBasicsError(f"--variants: {v.strip()!r} is not MODE:DTYPE; use {'|'.join(MODES)}:{'|'.join(DTYPES)}, e.g. eager:float32,compiled:bfloat16")
+            raise LMBasicsError(f"--variants: {v.strip()!r} is not MODE:DTYPE; use "
+                                f"{'|'.join(MODES)}:{'|'.join(DTYPES)}, e.g. eager:float32,compiled:bfloat16")
         if dtype == 'float16' and device.type != 'cuda':
-            raise LMBasicsError(f"--variants: {v.strip()} needs a CUDA GPU (float16 autocast with a gradient scaler); use float32 or bfloat16 on {device.type}")
+            raise LMBasicsError(f"--variants: {v.strip()} needs a CUDA GPU (float16 autocast with a gradient scaler); "
+                                f"use float32 or bfloat16 on {device.type}")
         out.append((mode, dtype))
     return out
 
 def _side_by_side(rows:list[dict]) -> tuple[str, dict]:
-    "The reference beside lm_basics, variant by variant (means over the rounds, and each round's ratio), and compiled lm_basics against the eager reference."
+    """The reference beside lm_basics, variant by variant (means over the rounds, and each round's ratio), and compiled
+    lm_basics against the eager reference."""
     by = {}
     for r in rows: by.setdefault((r['compile'], r['dtype']), {}).setdefault(r['model'], []).append(r)
     mean = lambda rs, k: statistics.fmean(r[k] for r in rs)
     def ratio(ours, ref):   # of the means, and round by round (the two ran next to each other)
-        return mean(ours, 'tokens_per_sec') / mean(ref, 'tokens_per_sec'), [o['tokens_per_sec'] / f['tokens_per_sec'] for o, f in zip(ours, ref)]
+        return (mean(ours, 'tokens_per_sec') / mean(ref, 'tokens_per_sec'),
+                [o['tokens_per_sec'] / f['tokens_per_sec'] for o, f in zip(ours, ref)])
     side, cross = [], []
     for (compile, dtype), m in by.items():
         if not ('reference' in m and 'lm_basics' in m): continue
         q, per = ratio(m['lm_basics'], m['reference'])
-        side.append(dict(variant=_name(dict(compile=compile, dtype=dtype)), reference_tokens_per_sec=mean(m['reference'], 'tokens_per_sec'),
+        side.append(dict(variant=_name(dict(compile=compile, dtype=dtype)),
+                         reference_tokens_per_sec=mean(m['reference'], 'tokens_per_sec'),
                          lm_basics_tokens_per_sec=mean(m['lm_basics'], 'tokens_per_sec'), ratio=q, per_round=per,
                          reference_mfu=mean(m['reference'], 'mfu'), lm_basics_mfu=mean(m['lm_basics'], 'mfu')))
-    for (compile, dtype), m in by.items():   # a long run's step (compiled, the machine's best precision) against the plain step
+    # a long run's step (compiled, the machine's best precision) against the plain step
+    for (compile, dtype), m in by.items():
         plain = by.get((False, 'float32'), {}).get('reference')
         if 'lm_basics' in m and plain and (compile or dtype != 'float32'):
             q, per = ratio(m['lm_basics'], plain)
-            cross.append(dict(ours=_name(dict(compile=compile, dtype=dtype)), reference="eager float32", ratio=q, per_round=per))
-    text = ("| variant | reference tokens/sec | lm_basics tokens/sec | lm_basics / reference | each round | reference MFU | lm_basics MFU |\n"
-            "|---|---:|---:|---:|---|---:|---:|\n" + ''.join(
-            f"| {s['variant']} | {s['reference_tokens_per_sec']:,.0f} | {s['lm_basics_tokens_per_sec']:,.0f} | {s['ratio']:.2f}x | "
-            f"{', '.join(f'{x:.2f}x' for x in s['per_round'])} | {s['reference_mfu'] * 100:.1f}% | {s['lm_basics_mfu'] * 100:.1f}% |\n" for s in side)
-            + ''.join(f"\nlm_basics {c['ours']} / reference {c['reference']}: {c['ratio']:.2f}x (each round: {', '.join(f'{x:.2f}x' for x in c['per_round'])})\n"
+            cross.append(dict(ours=_name(dict(compile=compile, dtype=dtype)), reference="eager float32", ratio=q,
+                              per_round=per))
+    text = ("| variant | reference tokens/sec | lm_basics tokens/sec | lm_basics / reference | each round | reference "
+            "MFU | lm_basics MFU |\n|---|---:|---:|---:|---|---:|---:|\n" + ''.join(
+            f"| {s['variant']} | {s['reference_tokens_per_sec']:,.0f} | {s['lm_basics_tokens_per_sec']:,.0f} | "
+            f"{s['ratio']:.2f}x | {', '.join(f'{x:.2f}x' for x in s['per_round'])} | {s['reference_mfu'] * 100:.1f}% | "
+            f"{s['lm_basics_mfu'] * 100:.1f}% |\n" for s in side)
+            + ''.join(f"\nlm_basics {c['ours']} / reference {c['reference']}: {c['ratio']:.2f}x (each round: "
+                      f"{', '.join(f'{x:.2f}x' for x in c['per_round'])})\n"
                       for c in cross))
     return text, dict(side_by_side=side, against_reference_eager=cross)
 
 def _baseline_variants(dev:torch.device) -> str:
-    "With --baseline: eager and compiled float32, and bfloat16 too where this machine multiplies it faster (a GPU, or a CPU, probed)."
+    """With --baseline: eager and compiled float32, and bfloat16 too where this machine multiplies it faster (a GPU, or
+    a CPU, probed)."""
     fast = dev.type == 'cuda' or matmul_probe(dtype=torch.bfloat16, budget=0.15) >= 1.2 * matmul_probe(budget=0.15)
     return 'eager:float32,compiled:float32' + (',eager:bfloat16,compiled:bfloat16' if fast else '')
 
 def check_bench(cfg:dict, # the benchmark's settings (`BENCH_FLAGS`)
                 dev:torch.device, # where it runs
                ):
-    "Refuse, before any process starts, settings that cannot be benchmarked: counts below 1, a model that cannot be built, a step that does not fit."
+    """Refuse, before any process starts, settings that cannot be benchmarked: counts below 1, a model that cannot be
+    built, a step that does not fit."""
     for k, low in (('steps', 1), ('warmup', 0), ('batch_size', 1), ('loss_chunk', 0)):
         if cfg[k] < low: raise LMBasicsError(f"--{k} must be at least {low}, got {cfg[k]}")
     d_ff = cfg['d_ff'] or int(8 * cfg['d_model'] / 3 + 7) // 8 * 8
-    check_model_args(cfg['vocab_size'], cfg['context_length'], cfg['d_model'], cfg['num_layers'], cfg['num_heads'], d_ff)
+    check_model_args(cfg['vocab_size'], cfg['context_length'], cfg['d_model'], cfg['num_layers'], cfg['num_heads'],
+                     d_ff)
     with torch.device('meta'):
-        params = sum(p.numel() for p in TransformerLM(cfg['vocab_size'], 1, cfg['d_model'], 1, cfg['num_heads'], d_ff).parameters())
-    need = training_memory(params * cfg['num_layers'], cfg['batch_size'] * cfg['context_length'], cfg['d_model'], cfg['num_layers'],
-                           d_ff, cfg['vocab_size'], cfg['loss_chunk'])['total']   # (every layer counted with the embeddings: an upper bound)
+        params = sum(p.numel()
+                     for p in TransformerLM(cfg['vocab_size'], 1, cfg['d_model'], 1, cfg['num_heads'],
+                                            d_ff).parameters())
+    need = training_memory(params * cfg['num_layers'], cfg['batch_size'] * cfg['context_length'], cfg['d_model'],
+                           cfg['num_layers'],
+                           # (every layer counted with the embeddings: an upper bound)
+                           d_ff, cfg['vocab_size'], cfg['loss_chunk'])['total']
     if (free := available_memory(dev)) is not None and need > free:
-        raise LMBasicsError(f"one step of these shapes needs about {need / 2**30:,.1f} GiB but {dev.type} has {free / 2**30:,.1f} GiB free; "
-                            f"lower --batch_size, --context_length or the model size")
+        raise LMBasicsError(f"one step of these shapes needs about {need / 2**30:,.1f} GiB but {dev.type} has "
+                            f"{free / 2**30:,.1f} GiB free; lower --batch_size, --context_length or the model size")
 
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_bench`."
-    p = CLIParser(prog='lm_basics_bench', description="Measure training throughput, MFU and memory of one configuration, "
-                                                       "each variant in its own process, and optionally profile a step.")
+    p = CLIParser(prog='lm_basics_bench',
+                  description="Measure training throughput, MFU and memory of one configuration, "
+                               "each variant in its own process, and optionally profile a step.")
     p.add_flags(bench_train_step, list(BENCH_FLAGS))
     p.add_argument('--variants', default='eager:float32,compiled:float32,eager:bfloat16,compiled:bfloat16',
                    help='comma-separated MODE:DTYPE, MODE eager|compiled, DTYPE float32|bfloat16|float16 '
-                        '(default: all four CPU ones; with --baseline, the bfloat16 ones only where this machine is faster in it)')
-    p.add_argument('--baseline', action='store_true', help="also time a plain reference step (ReferenceGPT, nanoGPT's step) of the same "
+                        '(default: all four CPU ones; with --baseline, the bfloat16 ones only where this machine is '
+                        'faster in it)')
+    p.add_argument('--baseline', action='store_true',
+                   help="also time a plain reference step (ReferenceGPT, nanoGPT's step) of the same "
                    "shapes, alternately with lm_basics' own, and print the two side by side")
-    p.add_argument('--rounds', type=int, default=2, help="with --baseline: how often each pair runs, alternating which goes first (default: 2)")
-    p.add_argument('--profile', action='store_true', help='also profile one step of each variant and list its top operators')
+    p.add_argument('--rounds', type=int, default=2,
+                   help="with --baseline: how often each pair runs, alternating which goes first (default: 2)")
+    p.add_argument('--profile', action='store_true',
+                   help='also profile one step of each variant and list its top operators')
     p.add_argument('--out', default='bench_results', help='results go to OUT.md and OUT.json (default: bench_results)')
-    p.add_argument('--config', metavar='FILE.json', help="benchmark the model and batch of this training config (flags given here override it)")
+    p.add_argument('--config', metavar='FILE.json',
+                   help="benchmark the model and batch of this training config (flags given here override it)")
     a, given = p.parse(argv)
     cfg = {k: a[k] for k in BENCH_FLAGS}
     if 'config' in given:   # what lm_basics_train would build from the file: its settings, then the trainer's defaults
@@ -353,35 +395,47 @@ def main(argv:list[str]|None=None):
     check_bench(cfg, dev)
     variants = _variants(a['variants'] if 'variants' in given or not a['baseline'] else _baseline_variants(dev), dev)
     if a['rounds'] < 1: raise LMBasicsError(f"--rounds must be at least 1, got {a['rounds']}")
-    # (round, model, mode, dtype): with --baseline, the reference and lm_basics next to each other, the first of a pair alternating by round
-    # the reference is the plain float32 step; lm_basics runs in every variant asked for
+    # (round, model, mode, dtype): with --baseline, the reference and lm_basics next to each other, the first of a pair
+    # alternating by round the reference is the plain float32 step; lm_basics runs in every variant asked for
     pair = lambda i, dtype: ((True, False) if i % 2 == 0 else (False, True)) if dtype == 'float32' else (False,)
     runs = ([(i, ref, mode, dtype) for i in range(a['rounds']) for mode, dtype in variants for ref in pair(i, dtype)]
             if a['baseline'] else [(0, False, mode, dtype) for mode, dtype in variants])
-    print(f"device {dev} | {torch.get_num_threads()} threads | torch {torch.__version__} | each run probes its own peak", flush=True)
+    print(f"device {dev} | {torch.get_num_threads()} threads | torch {torch.__version__} | each run probes "
+          f"its own peak", flush=True)
     rows, profiles = [], []
     for i, ref, mode, dtype in runs:
-        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)   # its own peak: probe or datasheet
+        # its own peak: probe or datasheet
+        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)
         rows.append(dict(r, round=i))
-        print(f"{'reference' if ref else 'lm_basics':9s} {mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  {r['ms_per_step']:7.0f} ms/step  "
-              f"MFU {r['mfu'] * 100:5.1f}% of {r['peak_flops'] / 1e9:,.1f} GFLOP/s  peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
+        print(f"{'reference' if ref else 'lm_basics':9s} {mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  "
+              f"{r['ms_per_step']:7.0f} ms/step  MFU {r['mfu'] * 100:5.1f}% of {r['peak_flops'] / 1e9:,.1f} GFLOP/s  "
+              f"peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
         if a['profile'] and i == 0:
             prof_cfg = {k: v for k, v in cfg.items() if k not in ('steps', 'warmup')}
-            profiles.append((r, run_isolated('profile_train_step', **prof_cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)))
+            profiles.append((r,
+                             run_isolated('profile_train_step', **prof_cfg, compile=mode == 'compiled', dtype=dtype,
+                                          reference=ref)))
     s = bench_sampling(cfg['batch_size'], cfg['context_length'])
     side_text, side = _side_by_side(rows) if a['baseline'] else ('', {})
     command = 'lm_basics_bench ' + ' '.join(argv if argv is not None else sys.argv[1:])
     peaks = {d: max(r['peak_flops'] for r in rows if r['dtype'] == d) for d in dict.fromkeys(r['dtype'] for r in rows)}
     peak, src = peaks.get('float32', 0.0), 'the best matmul probe of the runs'
-    text = (f"Command: `{command.strip()}`\n\nConfiguration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} threads, peak "
-            + ', '.join(f"{v / 1e9:,.1f} GFLOP/s in {d}" for d, v in peaks.items()) + f" ({src}), torch {torch.__version__}\n\n"
-            + (f"lm_basics beside the reference step, {a['rounds']} alternating round(s):\n\n" + side_text + "\nEvery run:\n\n" if a['baseline'] else '')
-            + _table(rows) + f"\nBatch sampling (get_batch from a 50M-token memmap): {s['batches_per_sec']:,.0f} batches/s, {s['tokens_per_sec']:,.0f} tokens/s\n"
+    text = (f"Command: `{command.strip()}`\n\nConfiguration: {cfg}\n\nDevice: {dev}, {torch.get_num_threads()} "
+            f"threads, peak "
+            + ', '.join(f"{v / 1e9:,.1f} GFLOP/s in {d}" for d, v in peaks.items())
+            + f" ({src}), torch {torch.__version__}\n\n"
+            + (f"lm_basics beside the reference step, {a['rounds']} alternating round(s):\n\n" + side_text
+               + "\nEvery run:\n\n" if a['baseline'] else '')
+            + _table(rows)
+            + f"\nBatch sampling (get_batch from a 50M-token memmap): {s['batches_per_sec']:,.0f} batches/s, "
+              f"{s['tokens_per_sec']:,.0f} tokens/s\n"
             + ''.join(_profile_text(pr, r['peak_flops']) for r, pr in profiles))
     print('\n' + text)
     try:
         Path(a['out'] + '.md').write_text(text)
-        Path(a['out'] + '.json').write_text(json.dumps(dict(command=command.strip(), config=cfg, peak_flops=peak, peak_source=src, rows=rows, sampling=s,
+        Path(a['out'] + '.json').write_text(json.dumps(dict(command=command.strip(), config=cfg, peak_flops=peak,
+                                                            peak_source=src, rows=rows, sampling=s,
                                                             profiles=[pr for _, pr in profiles], **side), indent=2))
-    except OSError as e: raise LMBasicsError(f"cannot write {a['out']}.md ({e.strerror}); choose another --out") from None
+    except OSError as e:
+        raise LMBasicsError(f"cannot write {a['out']}.md ({e.strerror}); choose another --out") from None
     print(f"wrote {a['out']}.md and {a['out']}.json")

@@ -29,7 +29,8 @@ def checkpoint_path(checkpoint_dir:str|Path, iteration:int) -> Path:
     return Path(checkpoint_dir)/f'checkpoint_iter_{iteration}.pt'
 
 def unwrap_model(model:nn.Module) -> nn.Module:
-    "The plain model inside `torch.compile` (`_orig_mod`) and `DistributedDataParallel` (`module`) wrappers (FSDP2 wraps nothing)."
+    """The plain model inside `torch.compile` (`_orig_mod`) and `DistributedDataParallel` (`module`) wrappers (FSDP2
+    wraps nothing)."""
     while True:
         if hasattr(model, '_orig_mod'): model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
@@ -42,11 +43,13 @@ def _torch_optimizers(optimizer):
 
 def full_state_dicts(model:nn.Module, optimizer=None) -> tuple[dict, dict|None]:
     "Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter name. Collective under FSDP."
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict  # slow import: on use
+    # slow import: on use
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     m = unwrap_model(model)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(m, options=opts)
-    optim_sd = get_optimizer_state_dict(m, _torch_optimizers(optimizer), options=opts) if optimizer is not None else None
+    optim_sd = (get_optimizer_state_dict(m, _torch_optimizers(optimizer), options=opts) if optimizer is not None
+                else None)
     return model_sd, optim_sd
 
 # %% ../nbs/04_checkpoint.ipynb #e54e539d
@@ -62,7 +65,8 @@ def save_checkpoint(out:str|Path|io.IOBase, # destination path or writable binar
                     config:dict|None=None, # the run's configuration, as plain types
                     train_state:dict|None=None, # RNG states and loop state for an exact resume
                    ):
-    "Save a checkpoint to `out`; a path is written atomically (`atomic_write`). Under torch.distributed every rank calls it and rank 0 writes."
+    """Save a checkpoint to `out`; a path is written atomically (`atomic_write`). Under torch.distributed every rank
+    calls it and rank 0 writes."""
     model_sd, optim_sd = full_state_dicts(model, optimizer)
     if dist.is_initialized() and dist.get_rank() != 0: return out
     ckpt = dict(model_state_dict=model_sd, optimizer_state_dict=optim_sd,
@@ -72,7 +76,8 @@ def save_checkpoint(out:str|Path|io.IOBase, # destination path or writable binar
         torch.save(ckpt, out); return out
     out = Path(out)
     try: return atomic_write(out, lambda f: torch.save(ckpt, f), lambda e: _cannot_save(out, e), mkdir=True)
-    except RuntimeError as e: raise _cannot_save(out, e) from None   # PyTorch's writer says "file write failed" (a full disk)
+    # PyTorch's writer says "file write failed" (a full disk)
+    except RuntimeError as e: raise _cannot_save(out, e) from None
 
 # %% ../nbs/04_checkpoint.ipynb #8cde0c8b
 def _strip_prefixes(sd:dict) -> dict:
@@ -86,9 +91,12 @@ _CODE_OPS = {'GLOBAL', 'STACK_GLOBAL', 'INST', 'OBJ', 'NEWOBJ', 'NEWOBJ_EX', 'RE
 
 def _names_code(e:Exception, head:bytes) -> bool:
     "Whether a failed safe load met a pickle that constructs Python objects (not merely bytes that fail to parse)."
-    if re.search(r'Unsupported global: GLOBAL [A-Za-z_]\w*(\.[A-Za-z_]\w*)+ ', str(e)): return True   # torch names the object
-    try: return bool(_CODE_OPS & {op.name for op, _, _ in pickletools.genops(head)})   # a whole, valid bare pickle only:
-    except Exception: return False                                                     # random bytes never parse to STOP
+    # torch names the object
+    if re.search(r'Unsupported global: GLOBAL [A-Za-z_]\w*(\.[A-Za-z_]\w*)+ ', str(e)): return True
+    # a whole, valid bare pickle only:
+    try: return bool(_CODE_OPS & {op.name for op, _, _ in pickletools.genops(head)})
+    # random bytes never parse to STOP
+    except Exception: return False
 
 def read_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary file object
                    ) -> dict:
@@ -97,20 +105,27 @@ def read_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary
     head = b''
     if isinstance(src, (str, Path)):
         p = Path(src)
-        if not p.exists(): raise LMBasicsError(f"checkpoint not found: {p}; check the path (saved checkpoints are named checkpoint_iter_N.pt)")
-        if p.is_dir(): raise LMBasicsError(f"checkpoint {p} is a directory; pass a checkpoint_iter_N.pt file (or --resume auto)")
-        if p.stat().st_size == 0: raise LMBasicsError(f"checkpoint {p} is empty (an interrupted copy?); use another checkpoint")
+        if not p.exists():
+            raise LMBasicsError(f"checkpoint not found: {p}; check the path (saved checkpoints are named "
+                                f"checkpoint_iter_N.pt)")
+        if p.is_dir():
+            raise LMBasicsError(f"checkpoint {p} is a directory; pass a checkpoint_iter_N.pt file (or --resume auto)")
+        if p.stat().st_size == 0:
+            raise LMBasicsError(f"checkpoint {p} is empty (an interrupted copy?); use another checkpoint")
         try:
             with open(p, 'rb') as f: head = f.read(1 << 20)
-        except OSError as e: raise LMBasicsError(f"cannot read checkpoint {p} ({e.strerror}); fix its permissions") from None
+        except OSError as e:
+            raise LMBasicsError(f"cannot read checkpoint {p} ({e.strerror}); fix its permissions") from None
     try:
         with warnings.catch_warnings():   # torch warns about some pickle protocols before refusing them
             warnings.simplefilter('ignore')
             ckpt = torch.load(src, map_location='cpu', weights_only=True)
-    except Exception as e:   # a text file or random bytes reach the unpickler's insides: KeyError, IndexError, Unicode...
+    # a text file or random bytes reach the unpickler's insides: KeyError, IndexError, Unicode...
+    except Exception as e:
         if _names_code(e, head):
-            raise LMBasicsError(f"refusing to load {name}: it contains Python objects other than tensors and plain values, "
-                                f"and unpickling them could run code; use a checkpoint saved by lm_basics") from None
+            raise LMBasicsError(f"refusing to load {name}: it contains Python objects other than tensors and "
+                                f"plain values, and unpickling them could run code; use a checkpoint saved "
+                                f"by lm_basics") from None
         why = (str(e).splitlines() or [''])[0][:80] if isinstance(e, (RuntimeError, EOFError, OSError)) else ''
         raise LMBasicsError(f"{name} is not a readable checkpoint (truncated or corrupt{': ' + why if why else ''}, "
                             f"or not a PyTorch file); use another checkpoint") from None
@@ -119,12 +134,14 @@ def read_checkpoint(src:str|Path|io.IOBase, # checkpoint path or readable binary
         raise LMBasicsError(f"{name} is not an lm_basics checkpoint (it has {keys}, not model_state_dict/iteration); "
                             f"pass a checkpoint saved by lm_basics_train")
     if ckpt.get('format_version', 1) > FORMAT_VERSION:
-        raise LMBasicsError(f"{name} has format version {ckpt['format_version']}, newer than this lm_basics ({FORMAT_VERSION}); upgrade lm_basics")
+        raise LMBasicsError(f"{name} has format version {ckpt['format_version']}, newer than this lm_basics "
+                            f"({FORMAT_VERSION}); upgrade lm_basics")
     return ckpt
 
-def load_checkpoint(src:str|Path|io.IOBase|dict, # checkpoint path, readable binary file object, or a checkpoint already read
-                    model:nn.Module, # model to load the weights into (plain, compiled or wrapped)
-                    optimizer=None, # optimizer to restore, if any
+def load_checkpoint(
+    src:str|Path|io.IOBase|dict, # checkpoint path, readable binary file object, or a checkpoint already read
+    model:nn.Module, # model to load the weights into (plain, compiled or wrapped)
+    optimizer=None, # optimizer to restore, if any
                    ) -> int:
     "Restore `model` (and `optimizer`) from a checkpoint and return its iteration."
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
@@ -137,8 +154,9 @@ def load_checkpoint(src:str|Path|io.IOBase|dict, # checkpoint path, readable bin
     if optimizer is not None and ckpt.get('optimizer_state_dict') is not None:
         try: set_optimizer_state_dict(m, _torch_optimizers(optimizer), ckpt['optimizer_state_dict'], options=opts)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise LMBasicsError(f"the checkpoint's optimizer state does not fit this optimizer ({str(e).splitlines()[0][:200]}); "
-                                f"resume with the --optimizer the checkpoint was trained with") from None
+            raise LMBasicsError(f"the checkpoint's optimizer state does not fit this optimizer "
+                                f"({str(e).splitlines()[0][:200]}); resume with the --optimizer the checkpoint was "
+                                f"trained with") from None
     return int(ckpt['iteration'])
 
 # %% ../nbs/04_checkpoint.ipynb #4b15ba01
@@ -160,7 +178,8 @@ def clean_temporary_files(checkpoint_dir:str|Path) -> list[Path]:
     return removed
 
 def checkpoint_identity(path:str|Path) -> dict|None:
-    "`{'iteration', 'run_id'}` of a checkpoint file, read without loading its tensors; None if it is not a readable lm_basics checkpoint."
+    """`{'iteration', 'run_id'}` of a checkpoint file, read without loading its tensors; None if it is not a readable
+    lm_basics checkpoint."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -176,7 +195,8 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 class RunDir:
-    "One run's directory: who owns it, its own checkpoints, saving and pruning them, and the lock that keeps a second run out."
+    """One run's directory: who owns it, its own checkpoints, saving and pruning them, and the lock that keeps a second
+    run out."""
     def __init__(self, path:str|Path):
         self.path, self._lock_fd, self._ids = Path(path), None, {}
 
@@ -194,7 +214,8 @@ class RunDir:
         return self._ids[key]
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        "This run's loadable checkpoints as `(iteration, path)`, oldest first (every loadable one where there is no run.json)."
+        """This run's loadable checkpoints as `(iteration, path)`, oldest first (every loadable one where there is no
+        run.json)."""
         info, out = self.info(), []
         for it, p in list_checkpoints(self.path):
             ident = self.identity(p)
@@ -220,7 +241,8 @@ class RunDir:
         return own[-1][1] if own else None
 
     def fingerprint(self) -> tuple:
-        "What the directory holds (run.json, and the size and time of every file named like a checkpoint): a change means another process was here."
+        """What the directory holds (run.json, and the size and time of every file named like a checkpoint): a change
+        means another process was here."""
         try: run = (self.path/RUN_FILE).read_bytes()
         except OSError: run = None
         files = []
@@ -231,14 +253,16 @@ class RunDir:
 
 # %% ../nbs/04_checkpoint.ipynb #39b44d6a
 def _holder() -> dict:
-    return dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S'), command=' '.join(sys.argv))
+    return dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S'),
+                command=' '.join(sys.argv))
 
 def _in_use(path:Path, fd:int) -> LMBasicsError:
     "The refusal for a directory whose lock another process holds, naming it (from what it wrote into the lock file)."
     try: h = json.loads(os.pread(fd, 4096, 0) or b'{}')
     except ValueError: h = {}
     who = f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}: {h.get('command', '?')}"
-    return LMBasicsError(f"{path} is in use by another run ({who}); wait for it to finish, or choose another --checkpoint_dir")
+    return LMBasicsError(f"{path} is in use by another run ({who}); wait for it to finish, or choose another "
+                         f"--checkpoint_dir")
 
 @patch_to(RunDir)
 def check_free(self:RunDir):
@@ -253,13 +277,16 @@ def check_free(self:RunDir):
 
 @patch_to(RunDir)
 def lock(self:RunDir):
-    "Take the directory's lock for this process's life (creating the directory); refuse, naming the holder, if another run has it."
+    """Take the directory's lock for this process's life (creating the directory); refuse, naming the holder, if another
+    run has it."""
     try:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path/LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise LMBasicsError(f"cannot write to checkpoint_dir {self.path} ({e.strerror}); choose a writable --checkpoint_dir") from None
-    for attempt in range(20):   # another process's look (`check_free`) holds it for microseconds; a run, for its whole life
+        raise LMBasicsError(f"cannot write to checkpoint_dir {self.path} ({e.strerror}); choose a writable "
+                            f"--checkpoint_dir") from None
+    # another process's look (`check_free`) holds it for microseconds; a run, for its whole life
+    for attempt in range(20):
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
         except BlockingIOError:
             if attempt == 19:
@@ -281,7 +308,8 @@ def start(self:RunDir, run_id:str, # the identity of the run that now owns the d
           parent:dict|None=None, # for a branch: the run, checkpoint and iteration it continues
           config:dict|None=None, # the run's settings, written to config.json
          ):
-    "Record that `run_id` owns the directory (run.json) and its settings (config.json), and remove a crashed save's leftovers."
+    """Record that `run_id` owns the directory (run.json) and its settings (config.json), and remove a crashed save's
+    leftovers."""
     self.path.mkdir(parents=True, exist_ok=True)
     info = self.info()
     if info is None or info.get('run_id') != run_id:
@@ -302,16 +330,19 @@ def save(self:RunDir, iteration:int, model:nn.Module, optimizer, config:dict, tr
     "Save this run's checkpoint after `iteration` steps, then prune its old ones; return the path."
     info = self.info() if not dist.is_initialized() or dist.get_rank() == 0 else {}
     path, run_id = checkpoint_path(self.path, iteration), (info or {}).get('run_id')
-    if info and path.exists() and (self.identity(path) or {}).get('run_id') != run_id:   # never replace what another wrote
-        raise LMBasicsError(f"{path} appeared while this run was training and is not one of its checkpoints; it was left "
-                            f"untouched and iteration {iteration} was not saved: move the file aside, then --resume auto")
+    # never replace what another wrote
+    if info and path.exists() and (self.identity(path) or {}).get('run_id') != run_id:
+        raise LMBasicsError(f"{path} appeared while this run was training and is not one of its checkpoints; "
+                            f"it was left untouched and iteration {iteration} was not saved: move the file aside, then "
+                            f"--resume auto")
     path = save_checkpoint(path, model, optimizer, iteration, config, dict(train_state, run_id=run_id))
     if not dist.is_initialized() or dist.get_rank() == 0: self.prune(keep_last, keep_every)
     return path
 
 @patch_to(RunDir)
 def prune(self:RunDir, keep_last:int=3, keep_every:int=0) -> list[Path]:
-    "Delete this run's checkpoints beyond the newest `keep_last` and the `keep_every` milestones; return what was deleted."
+    """Delete this run's checkpoints beyond the newest `keep_last` and the `keep_every` milestones; return what was
+    deleted."""
     if self.info() is None: return []   # loose checkpoints, no run owns them: never deleted
     own = self.checkpoints()
     keep = {p for _, p in own[-max(1, keep_last):]} | {p for it, p in own if keep_every > 0 and it % keep_every == 0}
@@ -338,15 +369,18 @@ class RunPlan:
 def _refuse_rewind(d:RunDir, it:int, src:Path):
     later = [p.name for i, p in d.checkpoints() if i > it]
     if later:
-        raise LMBasicsError(f"{src} is at iteration {it}, but {d.path} already holds later checkpoints of this run ({', '.join(later)}); "
-                            f"continuing it there would overwrite them: branch from iteration {it} into a new directory with "
-                            f"--checkpoint_dir NEW_DIR (it gets the metrics up to iteration {it}), or continue the newest with --resume auto")
+        raise LMBasicsError(f"{src} is at iteration {it}, but {d.path} already holds later checkpoints of this run "
+                            f"({', '.join(later)}); continuing it there would overwrite them: branch from iteration "
+                            f"{it} into a new directory with --checkpoint_dir NEW_DIR (it gets the metrics up to "
+                            f"iteration {it}), or continue the newest with --resume auto")
 
 def _strangers_error(d:RunDir, found:list, what:str) -> LMBasicsError:
     "The refusal for files named like checkpoints that are not the run's own: which, why, and how to move them aside."
-    info, names = d.info(), ', '.join(f"{p.name} ({why})" for _, p, why in found[:5]) + (' ...' if len(found) > 5 else '')
+    info, names = (d.info(),
+                   ', '.join(f"{p.name} ({why})" for _, p, why in found[:5]) + (' ...' if len(found) > 5 else ''))
     disagree = info is not None and all(why.startswith('belongs to run') for *_, why in found)
-    head = (f"the records in {d.path} disagree: run.json names run {info.get('run_id')}, but its checkpoints do not belong to it"
+    head = (f"the records in {d.path} disagree: run.json names run {info.get('run_id')}, but its checkpoints do not "
+            f"belong to it"
             if disagree else f"{d.path} holds files named like checkpoints that are not this run's")
     return LMBasicsError(f"{head}: {names}; {what}; move them aside (mkdir {d.path}/aside && mv {found[0][1]} ... "
                          f"{d.path}/aside), or choose another --checkpoint_dir")
@@ -354,11 +388,12 @@ def _strangers_error(d:RunDir, found:list, what:str) -> LMBasicsError:
 def _check_run_file(d:RunDir):
     "Refuse a run.json that exists but does not say which run owns the directory."
     if (d.path/RUN_FILE).exists() and not isinstance((d.info() or {}).get('run_id'), str):
-        raise LMBasicsError(f"{d.path/RUN_FILE} cannot be read as a run record (it names no run_id); restore it from a backup, "
-                            f"or move it and the checkpoints beside it aside to start afresh")
+        raise LMBasicsError(f"{d.path/RUN_FILE} cannot be read as a run record (it names no run_id); restore it "
+                            f"from a backup, or move it and the checkpoints beside it aside to start afresh")
 
 def check_overwrites(plan:RunPlan, max_iters:int):
-    "Refuse to start if the run could save over a file that is not its own (a stranger between its start and `max_iters`)."
+    """Refuse to start if the run could save over a file that is not its own (a stranger between its start and
+    `max_iters`)."""
     start = plan.checkpoint['iteration'] if plan.checkpoint is not None else 0
     if found := [s for s in plan.dir.strangers() if start < s[0] <= max_iters]:
         raise _strangers_error(plan.dir, found, f"this run (iterations {start} to {max_iters}) could save over them")
@@ -368,9 +403,11 @@ def _run_of(path:Path) -> str|None: return (RunDir(path.parent).info() or {}).ge
 def plan_run(resume_from:str|None, # None (a fresh run), 'auto', or a checkpoint file
              checkpoint_dir:str|Path, # the run directory asked for
              dir_given:bool=True, # whether --checkpoint_dir was given (else a resumed run stays beside its checkpoint)
-             check_free:bool=True, # refuse a directory another process holds (the process that will lock it looks; not every rank)
+             # refuse a directory another process holds (the process that will lock it looks; not every rank)
+             check_free:bool=True,
             ) -> RunPlan:
-    "Decide, before writing anything, where a run goes and what it continues; refuse what would overwrite finished work."
+    """Decide, before writing anything, where a run goes and what it continues; refuse what would overwrite finished
+    work."""
     if resume_from not in (None, 'auto'):
         src = Path(resume_from)
         ck = read_checkpoint(src)
@@ -383,8 +420,10 @@ def plan_run(resume_from:str|None, # None (a fresh run), 'auto', or a checkpoint
     _check_run_file(d)
     own = d.checkpoints()
     if resume_from is None:
-        if own: raise LMBasicsError(f"{d.path} already holds a run (checkpoints up to iteration {own[-1][0]}); continue it with "
-                                    f"--resume auto, or choose another --checkpoint_dir so nothing is overwritten")
+        if own:
+            raise LMBasicsError(f"{d.path} already holds a run (checkpoints up to iteration {own[-1][0]}); "
+                                f"continue it with --resume auto, or choose another --checkpoint_dir so nothing "
+                                f"is overwritten")
         if found := d.strangers(): raise _strangers_error(d, found, "a new run could save over them")
         return RunPlan(d, new_run_id(), fingerprint=d.fingerprint())
     notes = []
@@ -392,23 +431,30 @@ def plan_run(resume_from:str|None, # None (a fresh run), 'auto', or a checkpoint
         try: ck = read_checkpoint(p)
         except LMBasicsError as e: notes.append(f"Warning: skipping {p}: {e}"); continue
         return _continue(d, ck, p, notes)
-    if own: raise LMBasicsError(f"no checkpoint in {d.path} can be loaded ({'; '.join(notes)}); move them away to start afresh, "
-                                f"or resume from a good copy with --resume_from")
+    if own:
+        raise LMBasicsError(f"no checkpoint in {d.path} can be loaded ({'; '.join(notes)}); move them away to "
+                            f"start afresh, or resume from a good copy with --resume_from")
     if found := d.strangers():   # unreadable is not absent: never start afresh over what looks like a run
-        raise _strangers_error(d, found, "no checkpoint of this run can be loaded, and starting afresh could save over them")
-    return RunPlan(d, new_run_id(), notes=[f"No checkpoint in {d.path}: starting a new run"], fingerprint=d.fingerprint())
+        raise _strangers_error(d, found,
+                               "no checkpoint of this run can be loaded, and starting afresh could save over them")
+    return RunPlan(d, new_run_id(), notes=[f"No checkpoint in {d.path}: starting a new run"],
+                   fingerprint=d.fingerprint())
 
 def _continue(d:RunDir, ck:dict, src:Path, notes:list) -> RunPlan:
     it, rid, info = ck['iteration'], (ck.get('train_state') or {}).get('run_id'), d.info()
     _refuse_rewind(d, it, src)
     fp = d.fingerprint()
-    if info is not None and rid is not None and info.get('run_id') == rid:   # the same run, continued in its own directory
+    # the same run, continued in its own directory
+    if info is not None and rid is not None and info.get('run_id') == rid:
         return RunPlan(d, rid, ck, src, metrics_from=d.path/'metrics.jsonl', notes=notes, fingerprint=fp)
     if info is not None and (own := d.checkpoints()):
-        raise LMBasicsError(f"{d.path} holds another run (checkpoints up to iteration {own[-1][0]}); to continue {src}, "
-                            f"choose an empty --checkpoint_dir")
-    src_dir = src.parent   # the parent's metrics: in the checkpoint's own run directory (or beside it, without run.json)
-    parent_metrics = src_dir/'metrics.jsonl' if (_run_of(src) == rid or RunDir(src_dir).info() is None) and (src_dir/'metrics.jsonl').is_file() else None
+        raise LMBasicsError(f"{d.path} holds another run (checkpoints up to iteration {own[-1][0]}); to "
+                            f"continue {src}, choose an empty --checkpoint_dir")
+    # the parent's metrics: in the checkpoint's own run directory (or beside it, without run.json)
+    src_dir = src.parent
+    parent_metrics = (src_dir/'metrics.jsonl'
+                      if (_run_of(src) == rid or RunDir(src_dir).info() is None) and (src_dir/'metrics.jsonl').is_file()
+                      else None)
     parent = dict(run_id=rid, checkpoint=str(src.resolve()), iteration=it)
     return RunPlan(d, new_run_id(), ck, src, parent=parent, metrics_from=parent_metrics, notes=notes, fingerprint=fp)
 

@@ -33,13 +33,15 @@ class TrainConfig:
     context_length:int=256 # maximum context length
     d_model:int=512 # model dimension
     num_heads:int=8 # number of attention heads
-    num_kv_heads:int|None=None # key/value heads, shared by groups of query heads (grouped-query attention); unset: num_heads
+    # key/value heads, shared by groups of query heads (grouped-query attention); unset: num_heads
+    num_kv_heads:int|None=None
     d_ff:int=2048 # feed-forward dimension
     num_layers:int=6 # number of transformer layers
     rope_theta:float=10000.0 # RoPE theta parameter
     tie_embeddings:bool=False # share the token embedding with the LM head
     qk_norm:bool=False # RMS-normalise each attention head's queries and keys before RoPE
-    activation:str='swiglu' # feed-forward: swiglu (SwiGLU) or relu2 (squared ReLU; give it 1.5x the d_ff for the same parameters)
+    # feed-forward: swiglu (SwiGLU) or relu2 (squared ReLU; give it 1.5x the d_ff for the same parameters)
+    activation:str='swiglu'
     init_from:str|None=None # start from this transformers Llama directory: its architecture, weights and tokenizer
     # optimizer
     optimizer:str='adamw' # adamw, or muon (Muon for the matrices inside the blocks, AdamW for the rest)
@@ -49,27 +51,38 @@ class TrainConfig:
     beta1:float=0.9 # Adam beta1
     beta2:float=0.95 # Adam beta2
     eps:float=1e-8 # Adam epsilon
-    muon_lr:float=0.05 # with --optimizer muon: the matrices' peak learning rate (the schedule scales it as it scales lr)
+    # with --optimizer muon: the matrices' peak learning rate (the schedule scales it as it scales lr)
+    muon_lr:float=0.05
     muon_momentum:float=0.95 # with --optimizer muon: Muon's Nesterov momentum
     muon_weight_decay:float=0.0 # with --optimizer muon: decoupled weight decay of the matrices (multiplied by muon_lr)
     # training
     batch_size:int=64 # sequences per optimizer step (per micro-step with accumulation)
     gradient_accumulation_steps:int=1 # micro-batches accumulated into one optimizer step
-    total_batch_size:int|None=None # tokens per optimizer step over all processes; sets gradient_accumulation_steps to fit
+    # tokens per optimizer step over all processes; sets gradient_accumulation_steps to fit
+    total_batch_size:int|None=None
     max_iters:int=100000 # maximum number of training iterations
     warmup_iters:int=2000 # number of warmup iterations (not given and longer than the schedule: a twentieth of it)
-    lr_schedule:str='cosine' # cosine (warmup, cosine decay to min_lr), wsd (warmup, stable, 1-sqrt decay over the last decay_frac) or linear
-    lr_decay_iters:int|None=None # length of the learning-rate schedule; unset: max_iters (set it to train a planned run in chunks)
+    # cosine (warmup, cosine decay to min_lr), wsd (warmup, stable, 1-sqrt decay over the last decay_frac) or linear
+    lr_schedule:str='cosine'
+    # length of the learning-rate schedule; unset: max_iters (set it to train a planned run in chunks)
+    lr_decay_iters:int|None=None
     decay_frac:float=0.2 # with --lr_schedule wsd: the fraction of the schedule spent decaying to min_lr
     grad_clip:float=1.0 # gradient clipping max norm (0 disables)
     loss_chunk:int=1024 # rows of logits the fused LM head + cross-entropy computes at a time (0: all at once)
     skip_nonfinite:int=0 # skip up to N steps whose loss or gradient is NaN/inf before stopping the run
-    check_finite:bool|None=None # check loss and gradient norm before every update, a device sync per step; unset: on CPU, or with skip_nonfinite; off: at log intervals and before saving
-    dtype:str='auto' # compute dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16 or float16
-    compile:bool|None=None # compile the model with torch.compile; unset: decided by timing a first step, on any device (on when the run is long enough to repay compiling)
+    # check loss and gradient norm before every update, a device sync per step; unset: on CPU, or with skip_nonfinite;
+    # off: at log intervals and before saving
+    check_finite:bool|None=None
+    # compute dtype: auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16 or float16
+    dtype:str='auto'
+    # compile the model with torch.compile; unset: decided by timing a first step, on any device (on when the run is
+    # long enough to repay compiling)
+    compile:bool|None=None
     fsdp:bool=False # shard parameters, gradients and optimizer state with FSDP2 (under torchrun)
     # checkpointing and logging
-    checkpoint_dir:str='checkpoints' # directory for checkpoints, metrics.jsonl and config.json; a resumed run's is its checkpoint's unless given
+
+    # directory for checkpoints, metrics.jsonl and config.json; a resumed run's is its checkpoint's unless given
+    checkpoint_dir:str='checkpoints'
     checkpoint_interval:int=5000 # save a checkpoint every N iterations
     keep_last:int=3 # keep the newest N checkpoints (at least 1)
     keep_every:int=0 # also keep every checkpoint whose iteration is a multiple of N (0: none)
@@ -97,7 +110,8 @@ _DOCS = docs_of(TrainConfig)   # the comments beside the fields, read from the s
 HELP = {k: _DOCS.get(k) or k.replace('_', ' ') for k in FIELDS}
 
 # %% ../nbs/08_config.ipynb #e54e539d
-INT_LIMIT = 2**62   # every count stays far inside int64 (C long), so no sum or product of two of them overflows downstream
+# every count stays far inside int64 (C long), so no sum or product of two of them overflows downstream
+INT_LIMIT = 2**62
 MAX_MICRO_STEPS = 2**16   # micro-batches per optimizer step (per process), and batches per evaluation
 INT_RANGES = {   # the integer settings the model's rules do not cover: (smallest, largest, why the largest)
     'batch_size': (1, 2**24, "lower it, and raise --gradient_accumulation_steps to keep the step"),
@@ -105,15 +119,18 @@ INT_RANGES = {   # the integer settings the model's rules do not cover: (smalles
     'eval_iters': (1, MAX_MICRO_STEPS, "one evaluation would take hours; typical values are 20-500"),
     'sample_tokens': (0, 2**20, "the sample would take hours"),
     'seed': (0, 2**32 - 1, "seeds are 32-bit"),
-    **{k: (0, INT_LIMIT, "give a realistic count") for k in ('max_iters', 'warmup_iters', 'loss_chunk', 'skip_nonfinite', 'keep_every')},
-    **{k: (1, INT_LIMIT, "give a realistic count") for k in ('total_batch_size', 'lr_decay_iters', 'checkpoint_interval', 'keep_last',
-                                                              'eval_interval', 'log_interval')}}
+    **{k: (0, INT_LIMIT, "give a realistic count")
+       for k in ('max_iters', 'warmup_iters', 'loss_chunk', 'skip_nonfinite', 'keep_every')},
+    **{k: (1, INT_LIMIT, "give a realistic count")
+       for k in ('total_batch_size', 'lr_decay_iters', 'checkpoint_interval', 'keep_last',
+                  'eval_interval', 'log_interval')}}
 
 def coerce(name:str, value, source:str|None=None):
     "Convert `value` to the type of `TrainConfig.<name>`, raising `LMBasicsError` if it does not fit."
     try: return convert(value, TYPES[name], name, source)
     except OverflowError:   # an integer of hundreds of digits (JSON allows it) for a float setting
-        raise LMBasicsError(f"{source or '--' + name}: {name} {_short(value)} is too large for a number; give a realistic value") from None
+        raise LMBasicsError(f"{source or '--' + name}: {name} {_short(value)} is too large for a number; give a "
+                            f"realistic value") from None
 
 def _short(v, n:int=60) -> str:
     "`repr(v)`, cut to `n` characters: a message stays one readable line whatever the file holds."
@@ -131,10 +148,12 @@ def _check_int(k:str, v:int):
 
 # %% ../nbs/08_config.ipynb #6d1a9483
 def validate(cfg:TrainConfig) -> TrainConfig:
-    "Check that the settings of `cfg` make sense together; raise `LMBasicsError` naming the first that does not. Return it, typed."
+    """Check that the settings of `cfg` make sense together; raise `LMBasicsError` naming the first that does not.
+    Return it, typed."""
     def need(ok, msg):
         if not ok: raise LMBasicsError(msg)
-    cfg = TrainConfig(**{k: coerce(k, _fspath(getattr(cfg, k)), source='TrainConfig') for k in FIELDS})   # 2.0 -> 2; 1.5 for an int: refused
+    # 2.0 -> 2; 1.5 for an int: refused
+    cfg = TrainConfig(**{k: coerce(k, _fspath(getattr(cfg, k)), source='TrainConfig') for k in FIELDS})
     for k in TYPES:   # no NaN or infinity anywhere
         v = getattr(cfg, k)
         if isinstance(v, float): need(math.isfinite(v), f"{k} must be a finite number, got {v}")
@@ -142,9 +161,10 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     for k in INT_RANGES:
         if getattr(cfg, k) is not None: _check_int(k, getattr(cfg, k))
     need(cfg.batch_size * cfg.gradient_accumulation_steps <= 2**24,   # one step draws all its rows at once
-         f"batch_size × gradient_accumulation_steps = {cfg.batch_size:,} × {cfg.gradient_accumulation_steps:,} rows per step is too "
-         f"many (at most {2**24:,}); lower one of them")
-    need(cfg.check_finite is not False or cfg.skip_nonfinite == 0, "--skip_nonfinite needs the check before every update: drop --no-check_finite")
+         f"batch_size × gradient_accumulation_steps = {cfg.batch_size:,} × {cfg.gradient_accumulation_steps:,} rows "
+         f"per step is too many (at most {2**24:,}); lower one of them")
+    need(cfg.check_finite is not False or cfg.skip_nonfinite == 0,
+         "--skip_nonfinite needs the check before every update: drop --no-check_finite")
     for k in ('lr', 'min_lr', 'weight_decay', 'grad_clip', 'muon_lr', 'muon_weight_decay'):
         need(getattr(cfg, k) >= 0, f"{k} must be a non-negative number, got {getattr(cfg, k)}")
     need(cfg.min_lr <= cfg.lr, f"min_lr ({cfg.min_lr}) must not exceed the maximum learning rate lr ({cfg.lr})")
@@ -153,13 +173,16 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     need(0 < cfg.eps < 1, f"eps must lie in (0, 1), got {cfg.eps}")
     horizon = 'lr_decay_iters' if cfg.lr_decay_iters is not None else 'max_iters'
     need(cfg.warmup_iters <= getattr(cfg, horizon),
-         f"warmup_iters ({cfg.warmup_iters}) must lie between 0 and {horizon} ({getattr(cfg, horizon)}); lower --warmup_iters")
+         f"warmup_iters ({cfg.warmup_iters}) must lie between 0 and {horizon} ({getattr(cfg, horizon)}); lower "
+         f"--warmup_iters")
     need(cfg.optimizer in OPTIMIZERS, f"optimizer must be {' or '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     need(cfg.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {cfg.lr_schedule!r}")
     need(0 < cfg.decay_frac <= 1, f"decay_frac must lie in (0, 1], got {cfg.decay_frac}")
-    need(not (cfg.fsdp and cfg.optimizer == 'muon'), "--optimizer muon needs whole matrices, and --fsdp shards them: use --optimizer adamw "
-                                                      "with --fsdp, or Muon with plain data parallelism (torchrun without --fsdp)")
-    need(cfg.dtype in ('auto', 'float32', 'bfloat16', 'float16'), f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    need(not (cfg.fsdp and cfg.optimizer == 'muon'),
+         "--optimizer muon needs whole matrices, and --fsdp shards them: use --optimizer adamw "
+          "with --fsdp, or Muon with plain data parallelism (torchrun without --fsdp)")
+    need(cfg.dtype in ('auto', 'float32', 'bfloat16', 'float16'),
+         f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     need(cfg.dataset is None or cfg.dataset in BUILTIN_DATASETS,
          f"unknown dataset {cfg.dataset!r}; built-in datasets: {', '.join(BUILTIN_DATASETS)}")
     return cfg
@@ -174,11 +197,12 @@ def expand_path(name:str, # one of `PATH_SETTINGS`
     "A path setting with `~` expanded as a shell would (in a config file too); an empty path is refused."
     if value is None or (name == 'resume_from' and value == 'auto'): return value
     if not value.strip():   # an empty --checkpoint_dir would write into the current directory
-        raise LMBasicsError(f"{source}: {name} is empty; give a path{' (or leave it out for the default, checkpoints)' if name == 'checkpoint_dir' else ''}")
+        raise LMBasicsError(f"{source}: {name} is empty; give a "
+            f"path{' (or leave it out for the default, checkpoints)' if name == 'checkpoint_dir' else ''}")
     out = os.path.expanduser(value)
     if out.startswith('~'):
-        raise LMBasicsError(f"{source}: {name} {_short(value)} starts with ~ but no such user's home directory exists here; "
-                            f"give the full path (or ./{value} for a directory named so)")
+        raise LMBasicsError(f"{source}: {name} {_short(value)} starts with ~ but no such user's home directory "
+                            f"exists here; give the full path (or ./{value} for a directory named so)")
     return out
 
 # %% ../nbs/08_config.ipynb #8cde0c8b
@@ -204,60 +228,77 @@ def load_config_file(path:str|Path) -> dict:
     def pairs(items):
         seen = set()
         for k, _ in items:
-            if k in seen: raise LMBasicsError(f"config file {p}: key {_short(k)} appears more than once (JSON would silently keep the last); keep one")
+            if k in seen:
+                raise LMBasicsError(f"config file {p}: key {_short(k)} appears more than once (JSON would silently "
+                                    f"keep the last); keep one")
             seen.add(k)
         return dict(items)
     try:
         if (size := p.stat().st_size) > CONFIG_MAX_BYTES:
-            raise LMBasicsError(f"config file {p} is {size:,} bytes, too large for a file of settings (at most {CONFIG_MAX_BYTES:,}); check the path")
+            raise LMBasicsError(f"config file {p} is {size:,} bytes, too large for a file of settings (at most "
+                                f"{CONFIG_MAX_BYTES:,}); check the path")
         raw = json.loads(p.read_text(encoding='utf-8'), object_pairs_hook=pairs)
     except json.JSONDecodeError as e:
-        raise LMBasicsError(f"config file {p} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix the file") from None
+        raise LMBasicsError(f"config file {p} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                            f"fix the file") from None
     except RecursionError:   # the parser recurses once per level of nesting
-        raise LMBasicsError(f"config file {p} nests arrays or objects too deeply to read; a config file is one flat JSON object of settings") from None
+        raise LMBasicsError(f"config file {p} nests arrays or objects too deeply to read; a config file is one flat "
+                            f"JSON object of settings") from None
     except ValueError as e:   # a number of thousands of digits
-        raise LMBasicsError(f"config file {p} holds a value JSON cannot read here ({_short(str(e))}); fix the file") from None
-    except (OSError, UnicodeDecodeError) as e: raise LMBasicsError(f"cannot read config file {p} ({e}); fix its permissions or encoding") from None
-    if not isinstance(raw, dict): raise LMBasicsError(f"config file {p} must hold a JSON object of settings, not {type(raw).__name__}")
+        raise LMBasicsError(f"config file {p} holds a value JSON cannot read here ({_short(str(e))}); "
+                            f"fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LMBasicsError(f"cannot read config file {p} ({e}); fix its permissions or encoding") from None
+    if not isinstance(raw, dict):
+        raise LMBasicsError(f"config file {p} must hold a JSON object of settings, not {type(raw).__name__}")
     out, source = {}, f"config file {p}"
     for k, v in raw.items():
         name = canonical_name(k)
-        if name is None: raise LMBasicsError(f"{source}: unknown key {_short(k)}{_suggest(k)}; see lm_basics_train --help for the settings")
+        if name is None:
+            raise LMBasicsError(f"{source}: unknown key {_short(k)}{_suggest(k)}; see lm_basics_train --help for "
+                                f"the settings")
         if name in out: raise LMBasicsError(f"{source}: {name} is set twice (as {_short(k)} and an alias); keep one")
         try: out[name] = coerce(name, v, source=source)
         except LMBasicsError as e:
             if len(str(e)) < 300: raise
-            raise LMBasicsError(f"{source}: {name} cannot be {_short(v)} ({type(v).__name__}); see lm_basics_train --help") from None
+            raise LMBasicsError(f"{source}: {name} cannot be {_short(v)} ({type(v).__name__}); see "
+                                f"lm_basics_train --help") from None
         if name in PATH_SETTINGS: out[name] = expand_path(name, out[name], source)
     return out
 
 # %% ../nbs/08_config.ipynb #2e392283
 MUON_ONLY = "Muon's settings apply only with --optimizer muon"
 IGNORED_WHEN = [  # (setting, the setting that can make it do nothing, whether it does in cfg, why, the other fix)
-    *[(k, 'optimizer', lambda c: c.optimizer != 'muon', MUON_ONLY, 'use --optimizer muon') for k in ('muon_lr', 'muon_momentum', 'muon_weight_decay')],
-    ('decay_frac', 'lr_schedule', lambda c: c.lr_schedule != 'wsd', "decay_frac applies only to the wsd schedule", 'use --lr_schedule wsd'),
-    *[('dataset', k, lambda c, k=k: bool(getattr(c, k)), "the data paths are used instead of a built-in dataset", 'leave out the data paths')
+    *[(k, 'optimizer', lambda c: c.optimizer != 'muon', MUON_ONLY, 'use --optimizer muon')
+      for k in ('muon_lr', 'muon_momentum', 'muon_weight_decay')],
+    ('decay_frac', 'lr_schedule', lambda c: c.lr_schedule != 'wsd', "decay_frac applies only to the wsd schedule",
+     'use --lr_schedule wsd'),
+    *[('dataset', k, lambda c, k=k: bool(getattr(c, k)), "the data paths are used instead of a built-in dataset",
+       'leave out the data paths')
       for k in ('train_data_path', 'val_data_path')]]
 
 def check_given(cfg:TrainConfig, # the settings, complete
                 given:dict[str, int], # the settings given explicitly: {name: 1 from a config file, 2 from a flag}
-                known:set[str]|None=None, # the settings whose value in `cfg` is final (default: all; a resumed run's come later)
+                # the settings whose value in `cfg` is final (default: all; a resumed run's come later)
+                known:set[str]|None=None,
                 otherwise:str='the default', # where a setting not given comes from, for messages
                ):
-    "Refuse a setting given explicitly that the others make do nothing (Muon's settings without Muon, say), naming both."
+    """Refuse a setting given explicitly that the others make do nothing (Muon's settings without Muon, say), naming
+    both."""
     def origin(k): return {2: f"--{k}", 1: f"{k} in the config file"}.get(given.get(k), f"{k} ({otherwise})")
     for k, by, ignored, why, fix in IGNORED_WHEN:
         if k not in given or not ignored(cfg) or (known is not None and by not in known): continue
         if given.get(by, 0) > given[k]: continue   # a flag overriding the config file's world is not a contradiction
         drop = f"--{k}" if given[k] == 2 else f"{k} from the config file"
-        raise LMBasicsError(f"{origin(k)} is given, but {origin(by)} = {_short(getattr(cfg, by))} makes it do nothing ({why}); "
-                            f"drop {drop}, or {fix}")
+        raise LMBasicsError(f"{origin(k)} is given, but {origin(by)} = {_short(getattr(cfg, by))} makes it do "
+                            f"nothing ({why}); drop {drop}, or {fix}")
 
 # %% ../nbs/08_config.ipynb #4b15ba01
 def build_parser(prog:str='lm_basics_train') -> CLIParser:
     "The command-line parser, derived from `TrainConfig`."
-    p = CLIParser(prog=prog, description="Train a decoder-only Transformer language model. Settings come from the defaults, "
-                                         "then --config FILE.json, then the flags given here.")
+    p = CLIParser(prog=prog,
+                  description="Train a decoder-only Transformer language model. Settings come from the defaults, "
+                              "then --config FILE.json, then the flags given here.")
     p.add_argument('--config', metavar='FILE.json', help='JSON file of settings (flags given here override it)')
     return p.add_flags(TrainConfig, aliases=ALIASES)
 
@@ -266,12 +307,15 @@ def parse_config(argv:list[str]|None=None, # command-line arguments (default: `s
     "Build the `TrainConfig` of a command line: defaults < config file < flags. Also return the names set explicitly."
     values, given = build_parser().parse(argv)
     from_file = load_config_file(values['config']) if 'config' in given else {}
-    flags = {k: expand_path(k, values[k], f'--{k}') if k in PATH_SETTINGS else values[k] for k in given if k != 'config'}
+    flags = {k: expand_path(k, values[k], f'--{k}') if k in PATH_SETTINGS else values[k]
+             for k in given if k != 'config'}
     settings = {**from_file, **flags}
     cfg = TrainConfig(**settings)
     if 'warmup_iters' not in settings and cfg.warmup_iters > (horizon := cfg.lr_decay_iters or cfg.max_iters):
-        cfg = dataclasses.replace(cfg, warmup_iters=horizon // 20)   # the default warmup outlasts a short run: a twentieth of it instead
-    resuming = settings.get('resume_from') is not None   # then what is not given comes from the checkpoint: see `merge_resumed_config`
+        # the default warmup outlasts a short run: a twentieth of it instead
+        cfg = dataclasses.replace(cfg, warmup_iters=horizon // 20)
+    # then what is not given comes from the checkpoint: see `merge_resumed_config`
+    resuming = settings.get('resume_from') is not None
     check_given(cfg, {**{k: 1 for k in from_file}, **{k: 2 for k in flags}}, known=set(settings) if resuming else None)
     return cfg, set(settings)
 
@@ -287,8 +331,9 @@ def merge_resumed_config(cfg:TrainConfig, # the config of this command line
     if clash: raise LMBasicsError(f"cannot resume: the architecture differs from {source} ({'; '.join(clash)}); "
                                   f"drop these settings or start a new run in another --checkpoint_dir")
     if 'optimizer' in explicit and saved.get('optimizer', 'adamw') != cfg.optimizer:   # its state would not fit
-        raise LMBasicsError(f"cannot resume with --optimizer {cfg.optimizer}: {source} holds the state of {saved.get('optimizer', 'adamw')}; "
-                            f"drop --optimizer, or start a new run in another --checkpoint_dir")
+        raise LMBasicsError(f"cannot resume with --optimizer {cfg.optimizer}: {source} holds the state of "
+                            f"{saved.get('optimizer', 'adamw')}; drop --optimizer, or start a new run in another "
+                            f"--checkpoint_dir")
     merged, changes = {}, []
     for k in FIELDS:
         if k in explicit or k not in saved: merged[k] = getattr(cfg, k)
@@ -307,25 +352,30 @@ def resolve_accumulation(cfg:TrainConfig, # the run's settings
     "Micro-steps per optimizer step: `gradient_accumulation_steps`, or what `total_batch_size` tokens take."
     if cfg.total_batch_size is None: return cfg.gradient_accumulation_steps
     total, per = cfg.total_batch_size, cfg.batch_size * cfg.context_length * world_size
-    def fits(b): return total % (b * cfg.context_length * world_size) == 0 and _micro_steps_ok(b, total // (b * cfg.context_length * world_size))
-    if not _micro_steps_ok(cfg.batch_size, total // per):   # checked first: Python's integers never overflow, but a step this long never ends
+    def fits(b):
+        return (total % (b * cfg.context_length * world_size) == 0
+                and _micro_steps_ok(b, total // (b * cfg.context_length * world_size)))
+    # checked first: Python's integers never overflow, but a step this long never ends
+    if not _micro_steps_ok(cfg.batch_size, total // per):
         most = per * min(MAX_MICRO_STEPS, 2**24 // cfg.batch_size)
-        raise LMBasicsError(f"total_batch_size {total:,} tokens would take {total // per:,} micro-steps of batch_size × context_length × "
-                            f"processes = {per:,} tokens per optimizer step, more than a step can take and finish (at most "
-                            f"{MAX_MICRO_STEPS:,} micro-steps, {2**24:,} rows); lower --total_batch_size to {most:,} or less")
+        raise LMBasicsError(f"total_batch_size {total:,} tokens would take {total // per:,} micro-steps of batch_size "
+                            f"× context_length × processes = {per:,} tokens per optimizer step, more than a step can "
+                            f"take and finish (at most {MAX_MICRO_STEPS:,} micro-steps, {2**24:,} rows); lower "
+                            f"--total_batch_size to {most:,} or less")
     if total % per:
         ok = next((b for b in range(cfg.batch_size, max(0, cfg.batch_size - MAX_MICRO_STEPS), -1) if fits(b)), None)
-        raise LMBasicsError(f"total_batch_size {total:,} tokens is not a multiple of batch_size × context_length × processes "
-                            f"= {cfg.batch_size} × {cfg.context_length} × {world_size} = {per:,}; "
+        raise LMBasicsError(f"total_batch_size {total:,} tokens is not a multiple of batch_size × context_length "
+                            f"× processes = {cfg.batch_size} × {cfg.context_length} × {world_size} = {per:,}; "
                             + (f"use --batch_size {ok}" if ok else "change --total_batch_size or --context_length"))
     accum = total // per
     if 'gradient_accumulation_steps' in explicit and cfg.gradient_accumulation_steps not in (1, accum):
-        raise LMBasicsError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} contradicts --total_batch_size "
-                            f"{total:,}, which needs {accum} here; give one of them")
+        raise LMBasicsError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} contradicts "
+                            f"--total_batch_size {total:,}, which needs {accum} here; give one of them")
     return accum
 
 def _micro_steps_ok(batch_size:int, accum:int) -> bool:
-    "Whether `accum` micro-steps of `batch_size` rows make a step that finishes (and whose one draw of start positions fits in memory)."
+    """Whether `accum` micro-steps of `batch_size` rows make a step that finishes (and whose one draw of start positions
+    fits in memory)."""
     return accum <= MAX_MICRO_STEPS and batch_size * accum <= 2**24
 
 # %% ../nbs/08_config.ipynb #4e38f469

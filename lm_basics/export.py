@@ -14,7 +14,8 @@ from .model import TransformerLM, MODEL_ARGS, count_parameters
 from .checkpoint import read_checkpoint, RunDir
 from .tokenize import EOT, load_tokenizer
 from .generate import ByteCodec, HFCodec, find_tokenizer
-from .pretrained import hf_module, hf_state_dict, llama_config, quiet_transformers, transformers_llama, logits_gap
+from .pretrained import (hf_module, hf_state_dict, llama_config, quiet_transformers, transformers_llama,
+                                  logits_gap)
 
 # %% auto #0
 __all__ = ['LLAMA_KEYS', 'DTYPES', 'COMMAND_KEYS', 'TMP_DIR', 'EXPORT_FILE', 'EXPORT_FLAGS', 'VERIFY_TEXT', 'check_exportable',
@@ -51,13 +52,16 @@ def generation_config(eot_id:int|None=None, # id of <|endoftext|>, if the tokeni
 # %% ../nbs/12_export.ipynb #d8e04bd0
 def bytes_to_unicode() -> dict[int, str]:
     "GPT-2's byte alphabet: the printable character that stands for each byte in byte-level tokenizers."
-    keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]   # printable: themselves
-    shifted = [b for b in range(256) if b not in keep]                                             # the others: 256, 257, ...
+    # printable: themselves
+    keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    # the others: 256, 257, ...
+    shifted = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
 
 def byte_tokenizer() -> Tokenizer:
     "A `tokenizers` tokenizer whose ids are the UTF-8 bytes of the text, like lm_basics' `ByteCodec`."
-    tok = Tokenizer(models.BPE({c: b for b, c in bytes_to_unicode().items()}, []))   # 256 tokens, no merges: one token per byte
+    # 256 tokens, no merges: one token per byte
+    tok = Tokenizer(models.BPE({c: b for b, c in bytes_to_unicode().items()}, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return tok
@@ -67,18 +71,23 @@ def tokenizer_files(codec, # the checkpoint's codec: `HFCodec` or `ByteCodec` (`
                     context_length:int, # the model's context length (the tokenizer's `model_max_length`)
                    ) -> dict[str, str]:
     "The files that make `AutoTokenizer` load `codec`: tokenizer.json, tokenizer_config.json, special_tokens_map.json."
-    if isinstance(codec, HFCodec): tok, special = codec.tok, {} if codec.eot_id is None else dict(bos_token=EOT, eos_token=EOT)
+    if isinstance(codec, HFCodec):
+        tok, special = codec.tok, {} if codec.eot_id is None else dict(bos_token=EOT, eos_token=EOT)
     elif isinstance(codec, ByteCodec): tok, special = byte_tokenizer(), {}
-    else: raise LMBasicsError(f"cannot export the tokenizer {getattr(codec, 'name', codec)!r}; pass --tokenizer path/to/tokenizer.json")
-    config = dict(tokenizer_class='PreTrainedTokenizerFast', model_max_length=context_length, clean_up_tokenization_spaces=False,
-                  add_bos_token=False, add_eos_token=False, **special)
+    else:
+        raise LMBasicsError(f"cannot export the tokenizer {getattr(codec, 'name', codec)!r}; pass --tokenizer "
+                            f"path/to/tokenizer.json")
+    config = dict(tokenizer_class='PreTrainedTokenizerFast', model_max_length=context_length,
+                  clean_up_tokenization_spaces=False, add_bos_token=False, add_eos_token=False, **special)
     return {'tokenizer.json': tok.to_str(), 'tokenizer_config.json': json.dumps(config, indent=2),
             'special_tokens_map.json': json.dumps(special, indent=2)}
 
 # %% ../nbs/12_export.ipynb #4c492517
 def _save_file(st, tensors:dict, path:Path):
-    "safetensors' `save_file` through `atomic_write`; its failure to write (a full disk) is an `OSError`, like any other's."
-    def write(f):   # safetensors takes a name, not a file: it writes the temporary's name (its own .tmpXYZ, renamed there)
+    """safetensors' `save_file` through `atomic_write`; its failure to write (a full disk) is an `OSError`, like any
+    other's."""
+    def write(
+        f):   # safetensors takes a name, not a file: it writes the temporary's name (its own .tmpXYZ, renamed there)
         try: st.save_file(tensors, f.name, metadata={'format': 'pt'})
         except Exception as e:   # SafetensorError('... I/O error: No space left on device (os error 28)')
             if (m := re.search(r'os error (\d+)', str(e))) is None: raise
@@ -89,7 +98,8 @@ def save_safetensors(tensors:dict, # name -> tensor, in the order to write them
                      out:str|Path, # directory to write into
                      max_shard_bytes:int=5_000_000_000, # largest file; more bytes than this go into several shards
                     ) -> list[str]:
-    "Write `tensors` as model.safetensors, or as numbered shards with model.safetensors.index.json; return the file names."
+    """Write `tensors` as model.safetensors, or as numbered shards with model.safetensors.index.json; return the file
+    names."""
     if max_shard_bytes < 1: raise LMBasicsError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     st, out = hf_module('safetensors.torch'), Path(out)
     shards, size = [{}], 0
@@ -114,9 +124,11 @@ def tokens_seen(config:dict, # the checkpoint's config
     "Training tokens the model has seen: as recorded, or steps × tokens per step."
     if (train_state or {}).get('tokens_seen') is not None: return int(train_state['tokens_seen'])
     if config.get('total_batch_size'): return iteration * int(config['total_batch_size'])
-    return iteration * config.get('batch_size', 0) * config['context_length'] * config.get('gradient_accumulation_steps', 1)
+    return (iteration * config.get('batch_size', 0) * config['context_length']
+            * config.get('gradient_accumulation_steps', 1))
 
-COMMAND_KEYS = ('train_data_path', 'val_data_path', 'dataset', 'init_from', *MODEL_ARGS, 'batch_size', 'gradient_accumulation_steps',
+COMMAND_KEYS = ('train_data_path', 'val_data_path', 'dataset', 'init_from', *MODEL_ARGS, 'batch_size',
+                'gradient_accumulation_steps',
                 'total_batch_size', 'max_iters', 'warmup_iters', 'lr', 'min_lr', 'weight_decay', 'seed')
 
 def training_command(config:dict, # the checkpoint's config
@@ -125,7 +137,8 @@ def training_command(config:dict, # the checkpoint's config
     "The command that trained the model: as recorded, or an equivalent `lm_basics_train` command rebuilt from `config`."
     if cmd := [str(a) for a in (train_state or {}).get('command') or []]:
         if cmd[0].startswith('-'): cmd = ['lm_basics_train', *cmd]                            # flags only
-        elif Path(cmd[0]).name.startswith('lm_basics_'): cmd[0] = Path(cmd[0]).name           # not the environment's bin/
+        # not the environment's bin/
+        elif Path(cmd[0]).name.startswith('lm_basics_'): cmd[0] = Path(cmd[0]).name
         return shlex.join(cmd)
     args = ['lm_basics_train']
     for k in dict.fromkeys(COMMAND_KEYS):
@@ -151,40 +164,51 @@ def model_card(ckpt:dict, # the checkpoint: config, iteration, train_state
     final = ts.get('final') or {}
     d, nh = cfg['d_model'], cfg['num_heads']
     nats = lambda v: f"{v:.4f} nats per token (perplexity {2.718281828459045 ** v:,.2f})"
-    data = cfg.get('train_data_path') or (f"built-in dataset `{cfg['dataset']}`" if cfg.get('dataset') else 'not recorded')
-    emb = 'the embedding is the output layer' if cfg.get('tie_embeddings') else f"{params['non_embedding']:,} without the embedding"
+    data = (cfg.get('train_data_path')
+            or (f"built-in dataset `{cfg['dataset']}`" if cfg.get('dataset') else 'not recorded'))
+    emb = ('the embedding is the output layer' if cfg.get('tie_embeddings')
+           else f"{params['non_embedding']:,} without the embedding")
     rows = [_row('parameters', f"{params['total']:,} ({emb})"),
             _row('layers', cfg['num_layers']), _row('model width (`hidden_size`)', d),
             _row('attention', f"{nh} heads of {d // nh} features{_kv_heads(cfg)}, causal, rotary position embeddings "
                               f"(θ = {cfg.get('rope_theta', 10000.0):g})"),
-            _row('feed-forward', f"SwiGLU, {cfg['d_ff']} hidden units"), _row('normalisation', 'RMSNorm before each block and at the end (ε = 1e-5)'),
-            _row('context length', f"{cfg['context_length']} tokens"), _row('vocabulary', f"{cfg['vocab_size']:,} (tokenizer: {tokenizer})"),
-            _row('embeddings', 'tied to the output layer' if cfg.get('tie_embeddings') else 'separate from the output layer'),
+            _row('feed-forward', f"SwiGLU, {cfg['d_ff']} hidden units"),
+            _row('normalisation', 'RMSNorm before each block and at the end (ε = 1e-5)'),
+            _row('context length', f"{cfg['context_length']} tokens"),
+            _row('vocabulary', f"{cfg['vocab_size']:,} (tokenizer: {tokenizer})"),
+            _row('embeddings',
+                 'tied to the output layer' if cfg.get('tie_embeddings') else 'separate from the output layer'),
             _row('weights', dtype)]
-    start = f"`{cfg['init_from']}` (a transformers Llama, imported)" if cfg.get('init_from') else 'random weights (from scratch)'
-    results = [_row('started from', start), _row('training data', data), _row('validation data', cfg.get('val_data_path') or data),
+    start = (f"`{cfg['init_from']}` (a transformers Llama, imported)" if cfg.get('init_from')
+             else 'random weights (from scratch)')
+    results = [_row('started from', start), _row('training data', data),
+               _row('validation data', cfg.get('val_data_path') or data),
                _row('iterations', f"{it:,}"), _row('tokens seen', f"{tokens_seen(cfg, it, ts):,}")]
     if 'final/val_loss' in final: results.append(_row('final validation loss', nats(final['final/val_loss'])))
     if 'final/train_loss' in final: results.append(_row('final training loss', nats(final['final/train_loss'])))
-    if final.get('final/val_bpb') is not None: results.append(_row('validation bits per byte', f"{final['final/val_bpb']:.4f}"))
+    if final.get('final/val_bpb') is not None:
+        results.append(_row('validation bits per byte', f"{final['final/val_bpb']:.4f}"))
     if ts.get('best_val_loss') is not None and ts['best_val_loss'] != float('inf'):
         results.append(_row('best validation loss', nats(ts['best_val_loss'])))
     if not final: results.append(_row('final evaluation', 'none yet (an intermediate checkpoint)'))
     results.append(_row('lm_basics version', lm_basics.__version__))
     where = json.dumps(str(path))
-    how = f"fine-tuned from the transformers Llama `{cfg['init_from']}`" if cfg.get('init_from') else 'trained from scratch'
+    how = (f"fine-tuned from the transformers Llama `{cfg['init_from']}`" if cfg.get('init_from')
+           else 'trained from scratch')
     return '\n'.join([
-        '---', 'library_name: transformers', 'pipeline_tag: text-generation', 'tags:', '- lm_basics', '- llama', '---', '',
-        f"# {Path(path).name or 'lm_basics model'}", '',
+        '---', 'library_name: transformers', 'pipeline_tag: text-generation', 'tags:', '- lm_basics', '- llama', '---',
+        '', f"# {Path(path).name or 'lm_basics model'}", '',
         f"A decoder-only Transformer language model of {params['total']:,} parameters, {how} with "
         f"[lm_basics](https://github.com/lm-basics/lm_basics) and exported by `lm_basics_export` as a Hugging Face "
         f"`LlamaForCausalLM`: the logits of this model in transformers are those of the lm_basics checkpoint.", '',
         '## Use', '', '```python',
         'from transformers import AutoModelForCausalLM, AutoTokenizer',
         f'tokenizer, model = AutoTokenizer.from_pretrained({where}), AutoModelForCausalLM.from_pretrained({where})',
-        'print(tokenizer.decode(model.generate(**tokenizer("The ", return_tensors="pt"), max_new_tokens=50, do_sample=True, top_k=200)[0]))',
+        'print(tokenizer.decode(model.generate(**tokenizer("The ", return_tensors="pt"), max_new_tokens=50, '
+        'do_sample=True, top_k=200)[0]))',
         '```', '', '## Architecture', '', '| | |', '|---|---|', *rows, '',
-        '## Training', '', '| | |', '|---|---|', *results, '', 'Trained with:', '', '```bash', training_command(cfg, ts), '```', ''])
+        '## Training', '', '| | |', '|---|---|', *results, '', 'Trained with:', '', '```bash',
+        training_command(cfg, ts), '```', ''])
 
 # %% ../nbs/12_export.ipynb #18c7bcc8
 def find_checkpoint(checkpoint:str|Path, # a checkpoint file, or a run directory
@@ -193,7 +217,8 @@ def find_checkpoint(checkpoint:str|Path, # a checkpoint file, or a run directory
     p = Path(checkpoint)
     if not p.is_dir(): return p
     found = RunDir(p).latest()
-    if found is None: raise LMBasicsError(f"{p} holds no checkpoint_iter_N.pt; pass a checkpoint file or a run's checkpoint_dir")
+    if found is None:
+        raise LMBasicsError(f"{p} holds no checkpoint_iter_N.pt; pass a checkpoint file or a run's checkpoint_dir")
     return found
 
 def _training_dir(config:dict, checkpoint:Path) -> Path|None:
@@ -210,7 +235,8 @@ def checkpoint_codec(config:dict, # the checkpoint's config
                     ):
     "The tokenizer the checkpoint was trained with, looked for from here and from where training ran."
     if tokenizer is not None: return HFCodec(load_tokenizer(tokenizer), str(tokenizer))
-    if (p := checkpoint.parent/'tokenizer.json').is_file(): return HFCodec(load_tokenizer(p), str(p))   # kept with the run
+    # kept with the run
+    if (p := checkpoint.parent/'tokenizer.json').is_file(): return HFCodec(load_tokenizer(p), str(p))
     try: return find_tokenizer(config)
     except LMBasicsError as e: first = e
     base = _training_dir(config, checkpoint)
@@ -227,7 +253,8 @@ def check_output_dir(out:Path, # the directory to export into
                      force:bool=False, # may an existing directory with files be replaced
                     ):
     "Raise `LMBasicsError` unless `out` can receive an export."
-    if out.exists() and not out.is_dir(): raise LMBasicsError(f"--out {out} is a file; choose a directory to export into")
+    if out.exists() and not out.is_dir():
+        raise LMBasicsError(f"--out {out} is a file; choose a directory to export into")
     if (up := next((a for a in out.parents if a.exists()), None)) is not None and not up.is_dir():   # `notes.txt/model`
         raise LMBasicsError(f"--out {out} lies under {up}, which is a file, not a directory; choose another --out")
     if out.resolve() in checkpoint.resolve().parents:
@@ -300,12 +327,15 @@ def export_hf(checkpoint:str, # checkpoint file, or a run directory (its newest 
               out:str, # directory to write the Hugging Face model into
               dtype:str='float32', # weights' dtype in the export: float32, bfloat16 or float16
               tokenizer:str|None=None, # tokenizer.json to ship (default: the one the checkpoint was trained with)
-              max_shard_bytes:int=5_000_000_000, # largest weights file; bigger models are split into shards with an index
-              verify:bool=True, # load the export with transformers and check its logits and token ids before publishing it
+              # largest weights file; bigger models are split into shards with an index
+              max_shard_bytes:int=5_000_000_000,
+              # load the export with transformers and check its logits and token ids before publishing it
+              verify:bool=True,
               force:bool=False, # replace an output directory that already holds files
               info=None, # where the summary goes (default: stdout; False for none)
              ) -> Path:
-    "Write a checkpoint as a Hugging Face `LlamaForCausalLM` directory: config, safetensors weights, tokenizer and model card."
+    """Write a checkpoint as a Hugging Face `LlamaForCausalLM` directory: config, safetensors weights, tokenizer and
+    model card."""
     if dtype not in DTYPES: raise LMBasicsError(f"unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
     if max_shard_bytes < 1: raise LMBasicsError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     path, out = find_checkpoint(checkpoint), Path(out)
@@ -316,18 +346,20 @@ def export_hf(checkpoint:str, # checkpoint file, or a run directory (its newest 
     cfg = ckpt.get('config') or {}
     check_exportable(cfg, f'checkpoint {path}')
     try: model = TransformerLM(**{k: cfg[k] for k in MODEL_ARGS if k in cfg})
-    except (ValueError, TypeError) as e: raise LMBasicsError(f"checkpoint {path} has an impossible architecture ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise LMBasicsError(f"checkpoint {path} has an impossible architecture ({e})") from None
     weights = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model_state_dict'].items()}
     try: model.load_state_dict(weights)   # a full state dict: no need for torch.distributed's loader (a slow import)
     except RuntimeError as e:
-        why = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))[:200].rstrip('.')   # the first mismatch
+        # the first mismatch
+        why = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))[:200].rstrip('.')
         raise LMBasicsError(f"the weights of checkpoint {path} do not fit its configuration ({why}); "
                             f"export a checkpoint saved by lm_basics_train") from None
     model.eval()
     codec = checkpoint_codec(cfg, path, tokenizer)
     if codec.vocab_size > cfg['vocab_size']:
-        raise LMBasicsError(f"the tokenizer {codec.name} has {codec.vocab_size:,} tokens but the model only {cfg['vocab_size']:,}; "
-                            f"pass the tokenizer the model was trained with (--tokenizer)")
+        raise LMBasicsError(f"the tokenizer {codec.name} has {codec.vocab_size:,} tokens but the model only "
+                            f"{cfg['vocab_size']:,}; pass the tokenizer the model was trained with (--tokenizer)")
     tensors, params = hf_state_dict(model.state_dict(), cfg, DTYPES[dtype]), count_parameters(model)
     files = tokenizer_files(codec, cfg['context_length'])
     files |= {'config.json': json.dumps(llama_config(cfg, dtype, codec.eot_id), indent=2),
@@ -360,8 +392,9 @@ EXPORT_FLAGS = ('checkpoint', 'out', 'dtype', 'tokenizer', 'max_shard_bytes', 'v
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_export`."
     p = CLIParser(prog='lm_basics_export',
-                  description="Write a checkpoint of lm_basics_train as a Hugging Face transformers Llama (config, safetensors weights, "
-                              "tokenizer and model card) that AutoModelForCausalLM.from_pretrained loads.")
+                  description="Write a checkpoint of lm_basics_train as a Hugging Face transformers Llama (config, "
+                              "safetensors weights, tokenizer and model card) that "
+                              "AutoModelForCausalLM.from_pretrained loads.")
     args, _ = p.add_flags(export_hf, list(EXPORT_FLAGS)).parse(argv)
     export_hf(**args)
 
@@ -370,7 +403,8 @@ def main(argv:list[str]|None=None):
 if __name__ == '__main__': main()
 
 # %% ../nbs/12_export.ipynb #caa1cafa
-VERIFY_TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n  naïve café, 😀 東京."
+VERIFY_TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n  "
+               "naïve café, 😀 東京.")
 
 def verify_export(out:str|Path, # the exported directory
                   model:TransformerLM, # the lm_basics model it was made from
@@ -378,21 +412,22 @@ def verify_export(out:str|Path, # the exported directory
                   dtype:str='float32', # dtype of the exported weights
                   tol:float=1e-4, # largest logit difference allowed, relative to the largest logit
                  ) -> float:
-    "Load `out` with transformers, check that its logits and token ids are lm_basics'; return the largest logit difference."
+    """Load `out` with transformers, check that its logits and token ids are lm_basics'; return the largest logit
+    difference."""
     hf = transformers_llama(out)
     with quiet_transformers() as tf:
         tok = tf.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
         want = codec.encode(VERIFY_TEXT)
         same_ids = tok(VERIFY_TEXT)['input_ids'] == want and tok.decode(want) == codec.decode(want)
     if not same_ids:
-        raise LMBasicsError(f"the exported tokenizer does not reproduce lm_basics' token ids; this is a bug in lm_basics_export, "
-                            f"please report it (nothing was written)")
+        raise LMBasicsError(f"the exported tokenizer does not reproduce lm_basics' token ids; this is a bug in "
+                            f"lm_basics_export, please report it (nothing was written)")
     ref = copy.deepcopy(model).float().eval()
     for p in ref.parameters(): p.data = p.data.to(DTYPES[dtype]).float()   # the weights as the export holds them
     C, V = model.config['context_length'], model.config['vocab_size']
     ids = torch.randint(V, (2, C), generator=torch.Generator().manual_seed(0))   # (2, C)
     diff, scale = logits_gap(ref, hf, ids)
     if not diff <= tol * scale:
-        raise LMBasicsError(f"the export's logits differ from lm_basics' by up to {diff:.2e}; this is a bug in lm_basics_export, "
-                            f"please report it (nothing was written)")
+        raise LMBasicsError(f"the export's logits differ from lm_basics' by up to {diff:.2e}; this is a bug in "
+                            f"lm_basics_export, please report it (nothing was written)")
     return diff

@@ -40,7 +40,8 @@ def find_tokenizer(config:dict, # the `config` stored in the checkpoint
                   ):
     "The codec a checkpoint's text goes through: its `tokenizer.json`, or raw bytes for byte-level models."
     if tokenizer is not None: return HFCodec(load_tokenizer(tokenizer), str(tokenizer))
-    if run_dir is not None and (p := Path(run_dir)/'tokenizer.json').is_file(): return HFCodec(load_tokenizer(p), str(p))
+    if run_dir is not None and (p := Path(run_dir)/'tokenizer.json').is_file():
+        return HFCodec(load_tokenizer(p), str(p))
     looked = []
     for key in ('train_data_path', 'val_data_path'):
         if config.get(key):
@@ -53,14 +54,16 @@ def find_tokenizer(config:dict, # the `config` stored in the checkpoint
     if config.get('dataset') == 'shakespeare_bytes' or config.get('vocab_size') == 256: return ByteCodec()
     where = f" (looked for {', '.join(dict.fromkeys(looked))})" if looked else ''
     if purpose != 'this checkpoint':
-        raise LMBasicsError(f"{purpose} needs the tokenizer of the training data, and there is none{where}; prepare the data with "
-                            f"lm_basics_prepare (it writes tokenizer.json beside train.npy), or drop {purpose}")
+        raise LMBasicsError(f"{purpose} needs the tokenizer of the training data, and there is none{where}; prepare "
+                            f"the data with lm_basics_prepare (it writes tokenizer.json beside train.npy), or "
+                            f"drop {purpose}")
     raise LMBasicsError(f"cannot find the tokenizer of this checkpoint{where}; pass --tokenizer path/to/tokenizer.json "
                         f"(the one lm_basics_prepare wrote beside the training data)")
 
 # %% ../nbs/06_generate.ipynb #0783ec3d
 class IncrementalLM:
-    "Next-token logits of a growing sequence, one forward step per token with a KV cache; the model never sees more than `context_length` tokens."
+    """Next-token logits of a growing sequence, one forward step per token with a KV cache; the model never sees more
+    than `context_length` tokens."""
     def __init__(self, model:TransformerLM):
         self.model, self.C = model, model.config['context_length']
         self.device = next(model.parameters()).device
@@ -91,7 +94,8 @@ def check_sampling(temperature:float, # softmax temperature; 0 is greedy
                    max_new_tokens:int=0, # most tokens to sample
                   ):
     "Raise `LMBasicsError` for sampling settings that make no sense."
-    if not (temperature >= 0 and math.isfinite(temperature)): raise LMBasicsError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise LMBasicsError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 0: raise LMBasicsError(f"top_k must be >= 0 (0 keeps every token), got {top_k}")
     if not 0 < top_p <= 1: raise LMBasicsError(f"top_p must lie in (0, 1] (1 keeps every token), got {top_p}")
     if max_new_tokens < 0: raise LMBasicsError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -176,12 +180,16 @@ def load_model(checkpoint:str|Path, # a checkpoint_iter_N.pt file, or a run dire
     p = Path(checkpoint)
     if p.is_dir():
         found = RunDir(p).latest()
-        if found is None: raise LMBasicsError(f"{p} holds no checkpoint_iter_N.pt; pass a checkpoint file or a run's checkpoint_dir")
+        if found is None:
+            raise LMBasicsError(f"{p} holds no checkpoint_iter_N.pt; pass a checkpoint file or a run's checkpoint_dir")
         p = found
     ckpt = read_checkpoint(p)
     cfg = ckpt.get('config') or {}
-    missing = [k for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff') if k not in cfg]
-    if missing: raise LMBasicsError(f"checkpoint {p} has no model configuration ({', '.join(missing)} missing); use a checkpoint saved by lm_basics_train")
+    missing = [k for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff')
+               if k not in cfg]
+    if missing:
+        raise LMBasicsError(f"checkpoint {p} has no model configuration ({', '.join(missing)} missing); use a "
+                            f"checkpoint saved by lm_basics_train")
     model = TransformerLM(**{k: cfg[k] for k in MODEL_ARGS if k in cfg})
     load_checkpoint(ckpt, model)
     return model.to(resolve_device(device)).eval(), dict(cfg, checkpoint=str(p), iteration=ckpt['iteration'])
@@ -190,7 +198,8 @@ def load_model(checkpoint:str|Path, # a checkpoint_iter_N.pt file, or a run dire
 def generate_text(checkpoint:str, # checkpoint file, or a run directory (its newest checkpoint)
                   prompt:str|None=None, # the text to continue
                   prompt_file:str|None=None, # a UTF-8 file holding the prompt (instead of --prompt)
-                  tokenizer:str|None=None, # tokenizer.json to use; unset: the run's own (in its directory, or beside its training data)
+                  # tokenizer.json to use; unset: the run's own (in its directory, or beside its training data)
+                  tokenizer:str|None=None,
                   max_new_tokens:int=256, # most tokens to generate
                   temperature:float=0.8, # softmax temperature; 0 is greedy
                   top_k:int=200, # sample among the k most likely tokens (0: all)
@@ -202,11 +211,13 @@ def generate_text(checkpoint:str, # checkpoint file, or a run directory (its new
                   info=None, # where the one-line summary goes (default: stderr; False for none)
                  ) -> str:
     "Sample a continuation of a prompt from a checkpoint, streaming it to `out` as it is produced; return it."
-    if prompt is not None and prompt_file is not None: raise LMBasicsError("give either --prompt or --prompt_file, not both")
+    if prompt is not None and prompt_file is not None:
+        raise LMBasicsError("give either --prompt or --prompt_file, not both")
     if prompt_file is not None:
         try: prompt = Path(prompt_file).read_text(encoding='utf-8')
         except FileNotFoundError: raise LMBasicsError(f"prompt file not found: {prompt_file}; check the path") from None
-        except (OSError, UnicodeDecodeError) as e: raise LMBasicsError(f"cannot read prompt file {prompt_file} ({e}); it must be UTF-8 text") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LMBasicsError(f"cannot read prompt file {prompt_file} ({e}); it must be UTF-8 text") from None
     prompt = prompt or ''
     check_sampling(temperature, top_k, top_p, seed, max_new_tokens)
     model, cfg = load_model(checkpoint, device)
@@ -223,7 +234,8 @@ def generate_text(checkpoint:str, # checkpoint file, or a run directory (its new
     con = out if isinstance(out, Console) else Console(out or sys.stdout)   # the caller's Console: the caller's policy
     if echo and prompt: con.write(prompt); con.flush()
     stream, pieces = TextStream(codec.decode), []
-    for tok in generate(model, ids, max_new_tokens, temperature, top_k, top_p, codec.eot_id, seed, allowed=codec.vocab_size):
+    for tok in generate(model, ids, max_new_tokens, temperature, top_k, top_p, codec.eot_id, seed,
+                        allowed=codec.vocab_size):
         if (s := stream.put(tok)): con.write(s); con.flush(); pieces.append(s)
         if con.lost: break   # the reader went away (`| head`) or the disk is full: nobody sees what comes next
     if not con.lost and (s := stream.flush()): con.write(s); pieces.append(s)
@@ -237,13 +249,15 @@ def generate_text(checkpoint:str, # checkpoint file, or a run directory (its new
     return text
 
 # %% ../nbs/06_generate.ipynb #c83614dd
-GENERATE_FLAGS = ('checkpoint', 'prompt', 'prompt_file', 'tokenizer', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed', 'device', 'echo')
+GENERATE_FLAGS = ('checkpoint', 'prompt', 'prompt_file', 'tokenizer', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                  'seed', 'device', 'echo')
 
 @cli_errors
 def main(argv:list[str]|None=None):
     "Entry point of `lm_basics_generate`."
     p = CLIParser(prog='lm_basics_generate',
-                  description="Sample text from a checkpoint of lm_basics_train, streaming it to stdout as it is produced.")
+                  description="Sample text from a checkpoint of lm_basics_train, streaming it to stdout as it "
+                              "is produced.")
     args, _ = p.add_flags(generate_text, list(GENERATE_FLAGS)).parse(argv)
     if hasattr(sys.stdout, 'reconfigure'): sys.stdout.reconfigure(errors='replace')
     generate_text(**args)

@@ -20,13 +20,15 @@ class _RMSNormFunction(torch.autograd.Function):
     "`x / rms(x) * weight` over the last dimension, with its gradient written out (float32 in, float32 out)."
     @staticmethod
     def forward(ctx, x, weight, eps):   # x (..., d), weight (d,)
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1): 1/rms
+        # (..., 1): 1/rms
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, r)
         return (x * r).mul_(weight)
     @staticmethod
     def backward(ctx, grad):
         x, weight, r = ctx.saved_tensors
-        xhat, gw = x * r, grad * weight                                   # the normalised input; the gradient before the gain
+        # the normalised input; the gradient before the gain
+        xhat, gw = x * r, grad * weight
         dw = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
         dot = torch.linalg.vecdot(gw, xhat).unsqueeze(-1)                # (..., 1)
         return torch.addcmul(gw, xhat, dot, value=-1 / x.shape[-1]).mul_(r), dw, None
@@ -39,7 +41,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(d_model))
     def forward(self, x):  # (..., d) -> (..., d)
-        if torch.compiler.is_compiling(): return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        if torch.compiler.is_compiling():
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         return _RMSNormFunction.apply(x.float(), self.weight.float(), self.eps).to(x.dtype)
 
 # %% ../nbs/02_model.ipynb #a81e93b6
@@ -64,9 +67,11 @@ class RotaryEmbedding(nn.Module):
                 positions=None, # (T,) positions of the T rows; default 0..T-1
                ):
         T = x.shape[-2]
-        cos, sin = (self.cos[:T], self.sin[:T]) if positions is None else (self.cos[positions], self.sin[positions])  # (T, hs/2)
+        # (T, hs/2)
+        cos, sin = (self.cos[:T], self.sin[:T]) if positions is None else (self.cos[positions], self.sin[positions])
         dtype, x = x.dtype, x.float()   # (no copy in float32)
-        if torch.compiler.is_compiling() or x.device.type not in ('cpu', 'cuda'):   # Inductor fuses the plain form into one kernel
+        # Inductor fuses the plain form into one kernel
+        if torch.compiler.is_compiling() or x.device.type not in ('cpu', 'cuda'):
             x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                             # (..., T, hs/2) each
             out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)   # (..., T, hs/2, 2)
         else:   # eager: each pair is a complex number, its rotation one complex product (one pass, no stack)
@@ -80,7 +85,8 @@ class CausalSelfAttention(nn.Module):
                  num_heads:int, # attention heads (must divide d_model)
                  rope:RotaryEmbedding, # the rotary embedding for head size d_model/num_heads
                  qk_norm:bool=False, # RMS-normalise each head's queries and keys before RoPE
-                 num_kv_heads:int|None=None, # key/value heads, each shared by num_heads/num_kv_heads query heads (None: num_heads)
+                 # key/value heads, each shared by num_heads/num_kv_heads query heads (None: num_heads)
+                 num_kv_heads:int|None=None,
                 ):
         super().__init__()
         if d_model % num_heads: raise ValueError(f"num_heads ({num_heads}) must divide d_model ({d_model})")
@@ -88,7 +94,8 @@ class CausalSelfAttention(nn.Module):
         if num_heads % kv: raise ValueError(f"num_kv_heads ({kv}) must divide num_heads ({num_heads})")
         self.num_heads, self.num_kv_heads, self.rope = num_heads, kv, rope
         hs = d_model // num_heads
-        self.sizes = (d_model, kv * hs, kv * hs)                                   # rows of q, k and v in the fused projection
+        # rows of q, k and v in the fused projection
+        self.sizes = (d_model, kv * hs, kv * hs)
         self.qkv = nn.Linear(d_model, sum(self.sizes), bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         if qk_norm: self.q_norm, self.k_norm = RMSNorm(hs), RMSNorm(hs)
@@ -105,8 +112,10 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rope(q, positions), self.rope(k, positions)
         if kv_cache is not None:
             if 'k' in kv_cache: k, v = torch.cat([kv_cache['k'], k], 2), torch.cat([kv_cache['v'], v], 2)
-            kv_cache['k'], kv_cache['v'] = k, v                                    # nkv heads: the cache is nh/nkv times smaller
-        gqa = {'enable_gqa': True} if self.num_kv_heads != self.num_heads else {}   # query head j reads K/V head j // (nh/nkv)
+            # nkv heads: the cache is nh/nkv times smaller
+            kv_cache['k'], kv_cache['v'] = k, v
+        # query head j reads K/V head j // (nh/nkv)
+        gqa = {'enable_gqa': True} if self.num_kv_heads != self.num_heads else {}
         causal = kv_cache is None or k.shape[2] == T
         if causal: y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)   # (B, nh, T, hs)
         else:  # T new queries after S cached positions: query i sees keys 0 .. S+i
@@ -153,7 +162,8 @@ class TransformerBlock(nn.Module):
                  num_kv_heads:int|None=None, # key/value heads (None: num_heads)
                 ):
         super().__init__()
-        if activation not in FEED_FORWARDS: raise ValueError(f"activation must be {' or '.join(ACTIVATIONS)}, got {activation!r}")
+        if activation not in FEED_FORWARDS:
+            raise ValueError(f"activation must be {' or '.join(ACTIVATIONS)}, got {activation!r}")
         self.ln1, self.attn = RMSNorm(d_model), CausalSelfAttention(d_model, num_heads, rope, qk_norm, num_kv_heads)
         self.ln2, self.ffn = RMSNorm(d_model), FEED_FORWARDS[activation](d_model, d_ff)
     def forward(self, x, positions=None, kv_cache=None):
@@ -184,18 +194,22 @@ def check_model_args(vocab_size:int, # number of distinct token ids
         limit = MAX_VOCAB if k == 'vocab_size' else MAX_SIZE
         if v > limit: raise LMBasicsError(f"{k} {v:,} is too large (at most {limit:,})")
     if d_model % num_heads:
-        h = max(h for h in range(1, min(num_heads, d_model) + 1) if d_model % h == 0 and (d_model // h) % 2 == 0) if d_model % 2 == 0 else 1
+        h = (max(h for h in range(1, min(num_heads, d_model) + 1) if d_model % h == 0 and (d_model // h) % 2 == 0)
+             if d_model % 2 == 0 else 1)
         raise LMBasicsError(f"num_heads ({num_heads}) must divide d_model ({d_model}); try --num_heads {h}")
     if num_kv_heads is not None:
         if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, numbers.Integral) or num_kv_heads < 1:
-            raise LMBasicsError(f"num_kv_heads must be a positive integer (or unset, for num_heads), got {num_kv_heads}")
+            raise LMBasicsError(f"num_kv_heads must be a positive integer (or unset, for num_heads), got "
+                                f"{num_kv_heads}")
         if num_heads % num_kv_heads:
             h = max(h for h in range(1, min(num_kv_heads, num_heads) + 1) if num_heads % h == 0)
-            raise LMBasicsError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}): each key/value head serves "
-                                f"an equal group of query heads; try --num_kv_heads {h}")
+            raise LMBasicsError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}): each key/value "
+                                f"head serves an equal group of query heads; try --num_kv_heads {h}")
     if (hs := d_model // num_heads) % 2:
-        raise LMBasicsError(f"the head size d_model/num_heads = {hs} must be even for RoPE; change --d_model or --num_heads")
-    if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not (math.isfinite(rope_theta) and rope_theta > 0):
+        raise LMBasicsError(f"the head size d_model/num_heads = {hs} must be even for RoPE; change --d_model "
+                            f"or --num_heads")
+    if (isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real)
+        or not (math.isfinite(rope_theta) and rope_theta > 0)):
         raise LMBasicsError(f"rope_theta must be a positive finite number, got {rope_theta}")
     for k, v in dict(tie_embeddings=tie_embeddings, qk_norm=qk_norm).items():
         if not isinstance(v, bool): raise LMBasicsError(f"{k} must be true or false, got {v!r}")
@@ -203,8 +217,8 @@ def check_model_args(vocab_size:int, # number of distinct token ids
         raise LMBasicsError(f"activation must be {' or '.join(ACTIVATIONS)}, got {activation!r}")
 
 # %% ../nbs/02_model.ipynb #1106aee9
-MODEL_ARGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'rope_theta', 'tie_embeddings',
-              'qk_norm', 'activation', 'num_kv_heads')
+MODEL_ARGS = ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff', 'rope_theta',
+              'tie_embeddings', 'qk_norm', 'activation', 'num_kv_heads')
 
 class TransformerLM(nn.Module):
     "Decoder-only Transformer language model: token ids `(B, T)` to next-token logits `(B, T, vocab_size)`."
@@ -221,14 +235,15 @@ class TransformerLM(nn.Module):
                  num_kv_heads:int|None=None, # key/value heads, each shared by a group of query heads (None: num_heads)
                 ):
         super().__init__()
-        check_model_args(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, tie_embeddings, qk_norm, activation,
-                         num_kv_heads)
+        check_model_args(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, tie_embeddings,
+                         qk_norm, activation, num_kv_heads)
         self.config = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model, num_layers=num_layers,
                            num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
                            qk_norm=qk_norm, activation=activation, num_kv_heads=num_kv_heads or num_heads)
         self.rope = RotaryEmbedding(d_model // num_heads, context_length, rope_theta)
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
-        self.layers = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, self.rope, qk_norm, activation, num_kv_heads)
+        self.layers = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, self.rope, qk_norm, activation,
+                                                      num_kv_heads)
                                      for _ in range(num_layers)])
         self.ln_final = RMSNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
@@ -241,7 +256,8 @@ class TransformerLM(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1: nn.init.ones_(p)
             else:
-                s = std / math.sqrt(2 * len(self.layers)) if name.endswith(('attn.proj.weight', 'ffn.w2.weight')) else std
+                s = (std / math.sqrt(2 * len(self.layers)) if name.endswith(('attn.proj.weight', 'ffn.w2.weight'))
+                     else std)
                 nn.init.trunc_normal_(p, 0.0, s, -3 * s, 3 * s)
 
     def forward(self, idx, # (B, T) int64 token ids, T <= context_length
@@ -269,15 +285,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, grad_enabled):  # h (N, d), weight (V, d), targets (N,)
         N, V = h.shape[0], weight.shape[0]
-        # `needs_input_grad` stays True under torch.no_grad (evaluation): the caller's grad mode says whether to compute gradients
+        # `needs_input_grad` stays True under torch.no_grad (evaluation): the caller's grad mode says whether to compute
+        # gradients
         need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
-        dev = weight.device.type   # autocast stays on in here: cast the weight to its dtype once, not in every chunk's matmuls
+        # autocast stays on in here: cast the weight to its dtype once, not in every chunk's matmuls
+        dev = weight.device.type
         w = weight.to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        # one (chunk, V) buffer for the logits and one for their log-softmax, reused by every chunk: a fresh tensor of that size
-        # (40 MB for 1024 rows of a 10,000-token vocabulary) is a fresh mapping whose pages fault in on every use; Inductor plans its own
+        # one (chunk, V) buffer for the logits and one for their log-softmax, reused by every chunk: a fresh tensor of
+        # that size (40 MB for 1024 rows of a 10,000-token vocabulary) is a fresh mapping whose pages fault in on every
+        # use; Inductor plans its own
         reuse = not torch.compiler.is_compiling()
         if reuse:
             zbuf = torch.empty(min(chunk, N), V, dtype=w.dtype, device=h.device)
@@ -285,12 +304,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, N, chunk):
             hc, tc = h[s:s + chunk].to(w.dtype), targets[s:s + chunk]   # (n, d), (n,)
             n = len(tc)
-            if reuse: logp = torch.log_softmax(torch.mm(hc, w.t(), out=zbuf[:n]), -1, dtype=torch.float32, out=lbuf[:n])   # (n, V)
+            # (n, V)
+            if reuse: logp = torch.log_softmax(torch.mm(hc, w.t(), out=zbuf[:n]), -1, dtype=torch.float32, out=lbuf[:n])
             else: logp = torch.log_softmax((hc @ w.t()).float(), dim=-1)   # one fused pass over the logits
             total -= logp.gather(1, tc[:, None]).sum()
             if need_h or need_w:
                 g = logp.exp_()                                        # softmax, in place of the log-probabilities
-                g[torch.arange(n, device=g.device), tc] -= 1.0          # N·dL/dz for these rows (the 1/N joins grad_out in backward)
+                # N·dL/dz for these rows (the 1/N joins grad_out in backward)
+                g[torch.arange(n, device=g.device), tc] -= 1.0
                 g = g.to(w.dtype)
                 if need_h: grad_h[s:s + chunk] = g @ w                 # (n, d)
                 if need_w:

@@ -25,7 +25,8 @@ def param_groups(model:nn.Module, # the model (plain, compiled or wrapped)
                  weight_decay:float, # decay of the weight matrices
                  muon:bool=False, # put the blocks' matrices in a first group of their own, for Muon
                 ) -> list[dict]:
-    "AdamW parameter groups, linear-layer weights decayed and embeddings and norm gains not; with `muon`, first the blocks' matrices."
+    """AdamW parameter groups, linear-layer weights decayed and embeddings and norm gains not; with `muon`, first the
+    blocks' matrices."""
     no_decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrices, decay, rest, seen = [], [], [], set()
     for name, p in model.named_parameters():
@@ -34,7 +35,8 @@ def param_groups(model:nn.Module, # the model (plain, compiled or wrapped)
         if muon and is_block_matrix(name, p): matrices.append(p)
         elif p.dim() >= 2 and id(p) not in no_decay: decay.append(p)
         else: rest.append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay, muon=False), dict(params=rest, weight_decay=0.0, muon=False)]
+    groups = [dict(params=decay, weight_decay=weight_decay, muon=False),
+              dict(params=rest, weight_decay=0.0, muon=False)]
     return [dict(params=matrices, muon=True)] + groups if muon else groups
 
 # %% ../nbs/03_optim.ipynb #7f41c4e6
@@ -60,7 +62,8 @@ def _cpu_flags() -> set[str]:
 
 def newton_schulz_dtype(device:torch.device|str='cpu', # where the matrices are
                        ) -> torch.dtype:
-    "The precision Muon's Newton–Schulz iteration runs in: bfloat16 where the hardware multiplies it natively, else float32."
+    """The precision Muon's Newton–Schulz iteration runs in: bfloat16 where the hardware multiplies it natively, else
+    float32."""
     device = torch.device(device)
     if device.type != 'cpu': return torch.bfloat16
     cap = torch.backends.cpu.get_cpu_capability()   # PyTorch names AVX-512 without saying whether it has BF16
@@ -75,7 +78,8 @@ def _newton_schulz_in(dtype:torch.dtype):
     "Within the block, PyTorch's Muon runs its Newton-Schulz iteration in `dtype` (its own is bfloat16)."
     own = getattr(_torch_muon, '_zeropower_via_newtonschulz', None)
     if dtype == torch.bfloat16 or own is None: yield; return
-    _torch_muon._zeropower_via_newtonschulz = lambda grad, coefficients, steps, eps: newton_schulz(grad, steps, *coefficients, eps, dtype=dtype)
+    _torch_muon._zeropower_via_newtonschulz = lambda grad, coefficients, steps, eps: newton_schulz(grad, steps,
+        *coefficients, eps, dtype=dtype)
     try: yield
     finally: _torch_muon._zeropower_via_newtonschulz = own
 
@@ -105,15 +109,17 @@ class MuonAdamW:
     def __repr__(self):
         n = lambda o: sum(p.numel() for g in o.param_groups for p in g['params'])
         m, a = self.muon.param_groups[0], self.adamw.param_groups[0]
-        return (f"MuonAdamW(muon: {n(self.muon):,} weights, lr={m['lr']:g}, momentum={m['momentum']:g}, weight_decay={m['weight_decay']:g}; "
-                f"adamw: {n(self.adamw):,} weights, lr={a['lr']:g}, betas={a['betas']})")
+        return (f"MuonAdamW(muon: {n(self.muon):,} weights, lr={m['lr']:g}, momentum={m['momentum']:g}, "
+                f"weight_decay={m['weight_decay']:g}; adamw: {n(self.adamw):,} weights, lr={a['lr']:g}, "
+                f"betas={a['betas']})")
 
 # %% ../nbs/03_optim.ipynb #1400c888
 OPTIMIZERS = ('adamw', 'muon')
 
 @dataclass
 class OptimizerConfig:
-    "The optimizer's settings; the trainer's `TrainConfig` has the same fields, so either can be given to `make_optimizer`."
+    """The optimizer's settings; the trainer's `TrainConfig` has the same fields, so either can be given to
+    `make_optimizer`."""
     lr:float=6e-4 # peak learning rate (the schedule sets the actual one every step)
     weight_decay:float=0.1 # decoupled weight decay of the weight matrices
     beta1:float=0.9 # decay rate of the gradient's running mean
@@ -129,15 +135,18 @@ def make_optimizer(model:nn.Module, # the model to optimise
                    device_type:str='cpu', # 'cuda' selects the fused implementation
                    **settings, # fields of `OptimizerConfig` to change (`lr=1e-3`, `optimizer='muon'`, ...)
                   ) -> torch.optim.AdamW|MuonAdamW:
-    "`torch.optim.AdamW` over `param_groups(model, weight_decay)`, or Muon for the blocks' matrices and AdamW for the rest."
+    """`torch.optim.AdamW` over `param_groups(model, weight_decay)`, or Muon for the blocks' matrices and AdamW for the
+    rest."""
     names = {f.name for f in fields(OptimizerConfig)}
     if unknown := set(settings) - names: raise TypeError(f"make_optimizer: unknown settings {sorted(unknown)}")
     o = OptimizerConfig(**{**{n: getattr(cfg, n) for n in names if hasattr(cfg, n)}, **settings})
-    if o.optimizer not in OPTIMIZERS: raise LMBasicsError(f"unknown optimizer {o.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
+    if o.optimizer not in OPTIMIZERS:
+        raise LMBasicsError(f"unknown optimizer {o.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
     impl = dict(fused=True) if device_type == 'cuda' else dict(foreach=True)
     adamw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **impl)
     if o.optimizer == 'adamw': return torch.optim.AdamW(param_groups(model, o.weight_decay), **adamw)
-    # no empty groups (tied embeddings leave AdamW nothing to decay): torch.distributed.checkpoint refuses them with two optimizers
+    # no empty groups (tied embeddings leave AdamW nothing to decay): torch.distributed.checkpoint refuses them with two
+    # optimizers
     groups = [g for g in param_groups(model, o.weight_decay, muon=True) if g['params']]
     muon = torch.optim.Muon([g for g in groups if g['muon']], lr=o.muon_lr, momentum=o.muon_momentum,
                             weight_decay=o.muon_weight_decay, nesterov=True)
@@ -164,7 +173,8 @@ def wsd_lr(it:int, # current iteration, 0-based
            decay_iters:int, # iteration where the decay reaches `min_lr`
            decay_frac:float=0.2, # fraction of `decay_iters` at its end over which the learning rate decays
           ) -> float:
-    "Learning rate at iteration `it`: linear warmup, constant `max_lr`, then a 1 − sqrt decay to `min_lr` at `decay_iters`."
+    """Learning rate at iteration `it`: linear warmup, constant `max_lr`, then a 1 − sqrt decay to `min_lr` at
+    `decay_iters`."""
     if not 0 <= decay_frac <= 1: raise LMBasicsError(f"decay_frac must lie in [0, 1], got {decay_frac}")
     if it < warmup_iters: return max_lr * it / warmup_iters
     if it >= decay_iters: return min_lr

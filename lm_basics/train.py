@@ -12,18 +12,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .core import LMBasicsError, cli_errors, resolve_device, Console, SIGNALS, StopRequested
-from .data import load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged, changed_elsewhere
+from .data import (load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged,
+                            changed_elsewhere)
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, learning_rate, clip_grad_norm
 from .tokenize import load_tokenizer, read_meta
-from .checkpoint import RunDir, RunPlan, plan_run, check_overwrites, checkpoint_path, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (RunDir, RunPlan, plan_run, check_overwrites, checkpoint_path, load_checkpoint,
+                                  rng_state, set_rng_state)
 from .generate import find_tokenizer, generate_text
 from .records import RunRecords, start_wandb
-from .config import TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config, parse_config
+from .config import (TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config,
+                              parse_config)
 from .pretrained import init_config, init_weights
-from .runtime import (resolve_dtype, choose_dtype, matmul_probe, resolve_compile, autocast_context, Peak, setup_distributed, all_mean, from_master,
-                               control_group, any_rank, training_memory, available_memory, is_out_of_memory, out_of_memory,
-                               MEMORY_FIX, lost_peer)
+from .runtime import (resolve_dtype, choose_dtype, matmul_probe, resolve_compile, autocast_context, Peak,
+                               setup_distributed, all_mean, from_master,
+                               control_group, any_rank, training_memory, available_memory, is_out_of_memory,
+                               out_of_memory, MEMORY_FIX, lost_peer)
 
 # %% auto #0
 __all__ = ['NO_BUFFER_SYNC', 'CHANGED', 'MAX_WAIT', 'StepResult', 'TrainStep', 'set_learning_rates', 'data_paths', 'RunState',
@@ -34,7 +38,8 @@ __all__ = ['NO_BUFFER_SYNC', 'CHANGED', 'MAX_WAIT', 'StepResult', 'TrainStep', '
 # %% ../nbs/10_train.ipynb #67be9066
 @dataclass
 class StepResult:
-    "What a training step gives back, as tensors on the device: its loss (mean over micro-batches) and gradient norm, and whether it updated the weights."
+    """What a training step gives back, as tensors on the device: its loss (mean over micro-batches) and gradient norm,
+    and whether it updated the weights."""
     loss:torch.Tensor
     grad_norm:torch.Tensor
     updated:bool=True
@@ -43,11 +48,13 @@ class StepResult:
 # the only buffers are RoPE's constant tables: nothing to synchronise at each forward (PyTorch 2.13 renamed the option,
 # and warns on every run that uses the old name)
 _DDP_ARGS = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-NO_BUFFER_SYNC = {'forward_sync_buffers': False} if 'forward_sync_buffers' in _DDP_ARGS else {'broadcast_buffers': False}
+NO_BUFFER_SYNC = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in _DDP_ARGS
+                  else {'broadcast_buffers': False})
 
 # %% ../nbs/10_train.ipynb #78df826d
 class TrainStep:
-    "One optimizer step: micro-batches under autocast, backward (gradients synchronised on the last), unscale, clip, the finiteness check, the update."
+    """One optimizer step: micro-batches under autocast, backward (gradients synchronised on the last), unscale, clip,
+    the finiteness check, the update."""
     def __init__(self, model:torch.nn.Module, # the model (plain, or sharded with FSDP2)
                  optimizer, # its optimizer
                  accum:int=1, # micro-batches per step
@@ -56,12 +63,14 @@ class TrainStep:
                  loss_chunk:int=0, # rows of logits at a time in the fused loss (0: all at once)
                  compile:bool=False, # run the forward and backward through torch.compile
                 ):
-        self.model, self.optimizer, self.accum, self.grad_clip, self.loss_chunk = model, optimizer, accum, grad_clip, loss_chunk
+        self.model, self.optimizer, self.accum, self.grad_clip, self.loss_chunk = (model, optimizer, accum, grad_clip,
+                                                                                   loss_chunk)
         self.device = next(model.parameters()).device
         self.fsdp = isinstance(model, torch.distributed.fsdp.FSDPModule)   # sharded: it synchronises its own gradients
         ddp = dist.is_initialized() and not self.fsdp
         self.wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == 'cuda' else None, **NO_BUFFER_SYNC) if ddp else model
+            model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+            **NO_BUFFER_SYNC) if ddp else model
         self.forward = torch.compile(self.wrapped) if compile else self.wrapped
         self.ctx = autocast_context(self.device, dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == 'float16')
@@ -96,8 +105,10 @@ class TrainStep:
         grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
         if hasattr(grad_norm, 'full_tensor'): grad_norm = grad_norm.full_tensor()   # FSDP2: a sharded norm
         finite = torch.isfinite(grad_norm if dist.is_initialized() else loss_sum + grad_norm)
-        if not check: self.unchecked |= ~finite                            # no sync: read at log lines and before saving
-        elif not self.scaler.is_enabled() and not finite:                  # (the float16 scaler skips such steps itself)
+        # no sync: read at log lines and before saving
+        if not check: self.unchecked |= ~finite
+        # (the float16 scaler skips such steps itself)
+        elif not self.scaler.is_enabled() and not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss_sum, grad_norm, updated=False)
         if self.scaler.is_enabled():   # float16: the scaler steps each PyTorch optimizer, skipping overflowing steps
@@ -114,8 +125,9 @@ class TrainStep:
 # %% ../nbs/10_train.ipynb #69af5dc5
 def set_learning_rates(optimizer, cfg:TrainConfig, it:int) -> float:
     "Set every parameter group's learning rate for iteration `it` (Muon's groups scaled to `muon_lr`); return AdamW's."
-    def at(peak): return learning_rate(it, cfg.lr_schedule, peak, cfg.min_lr * (peak / cfg.lr if cfg.lr else 0.0), cfg.warmup_iters,
-                                       cfg.lr_decay_iters or cfg.max_iters, cfg.decay_frac)
+    def at(peak):
+        return learning_rate(it, cfg.lr_schedule, peak, cfg.min_lr * (peak / cfg.lr if cfg.lr else 0.0),
+                             cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters, cfg.decay_frac)
     lr, muon_lr = at(cfg.lr), at(cfg.muon_lr)
     for g in optimizer.param_groups: g['lr'] = muon_lr if g.get('muon') else lr
     return lr
@@ -163,7 +175,8 @@ class RunState:
         if ckpt is None: return cls()
         ts = ckpt.get('train_state') or {}
         known = {k: ts[k] for k in (f.name for f in dataclasses.fields(cls)) if k in ts}
-        return cls(**{**known, 'iteration': ckpt['iteration'], 'last_losses': tuple(ts.get('last_losses', (math.nan, math.nan)))})
+        return cls(**{**known, 'iteration': ckpt['iteration'],
+                      'last_losses': tuple(ts.get('last_losses', (math.nan, math.nan)))})
 
     def complete(self, max_iters:int) -> bool:
         "Whether the run has ended at or beyond `max_iters` (rerunning it has nothing to do)."
@@ -171,14 +184,17 @@ class RunState:
 
 # %% ../nbs/10_train.ipynb #b7ef76f4
 class Logger:
-    "The run's lines and records: the training line every `log_interval` steps, the evaluations, the plot; step time without pauses."
+    """The run's lines and records: the training line every `log_interval` steps, the evaluations, the plot; step time
+    without pauses."""
     def __init__(self, console:Console, # where lines go
                  tokens_per_iter:int, # tokens of one optimizer step (all processes)
                  flops_per_iter:float=0.0, # FLOPs of one optimizer step (all processes), for MFU
                  peak:Peak|None=None, # this process's peak FLOP/s (None: no MFU)
                 ):
-        self.console, self.tokens_per_iter, self.flops_per_iter, self.peak = console, tokens_per_iter, flops_per_iter, peak
-        self.records, self.last_line = None, None   # `records`: the run's RunRecords, on rank 0 once the directory is claimed
+        self.console, self.tokens_per_iter, self.flops_per_iter, self.peak = (console, tokens_per_iter, flops_per_iter,
+                                                                              peak)
+        # `records`: the run's RunRecords, on rank 0 once the directory is claimed
+        self.records, self.last_line = None, None
         self.t_log, self.since = time.perf_counter(), 0
 
     @contextlib.contextmanager
@@ -196,14 +212,16 @@ class Logger:
         if t.step.poisoned(): raise t.checkpointer.poisoned(t)
         dt, self.t_log, self.since = (time.perf_counter() - self.t_log) / self.since, time.perf_counter(), 0
         loss, grad_norm = all_mean(res.loss, t.device), res.grad_norm.item()
-        tps, mfu = self.tokens_per_iter / dt, self.peak.mfu(self.flops_per_iter / t.world / dt) if self.peak else math.nan
-        values = {'train/loss': loss, 'train/learning_rate': lr, 'train/tokens_per_sec': tps, 'train/iter_time_ms': dt * 1000,
-                  'train/grad_norm': grad_norm, 'train/mfu': mfu}
+        tps, mfu = (self.tokens_per_iter / dt,
+                    self.peak.mfu(self.flops_per_iter / t.world / dt) if self.peak else math.nan)
+        values = {'train/loss': loss, 'train/learning_rate': lr, 'train/tokens_per_sec': tps,
+                  'train/iter_time_ms': dt * 1000, 'train/grad_norm': grad_norm, 'train/mfu': mfu}
         start = self.tell()
         self.record(it, values)
-        if it % t.cfg.log_interval: self.last_line = (start, self.tell())   # off the interval: an extension leaves it out
-        self.console.say(f"Iter {it:6d} | Loss: {loss:.4f} | LR: {lr:.2e} | Time: {dt * 1000:.1f}ms | Tokens/sec: {tps:.0f} | "
-                         f"MFU: {mfu * 100:.1f}% | Grad norm: {grad_norm:.3f}")
+        # off the interval: an extension leaves it out
+        if it % t.cfg.log_interval: self.last_line = (start, self.tell())
+        self.console.say(f"Iter {it:6d} | Loss: {loss:.4f} | LR: {lr:.2e} | Time: {dt * 1000:.1f}ms | Tokens/sec: "
+                         f"{tps:.0f} | MFU: {mfu * 100:.1f}% | Grad norm: {grad_norm:.3f}")
 
     def eval(self, it:int, # the iteration evaluated
              prefix:str, # 'eval' or 'final'
@@ -211,9 +229,11 @@ class Logger:
              bytes_per_token:float|None=None, # of the val text: bits per byte when known
              show:bool=True, # print the line
             ) -> dict:
-        "Record an evaluation (losses, perplexity and, when the bytes per token are known, bits per byte), print its line, return it."
+        """Record an evaluation (losses, perplexity and, when the bytes per token are known, bits per byte), print its
+        line, return it."""
         tl, vl = losses
-        values = {f'{prefix}/train_loss': tl, f'{prefix}/val_loss': vl, f'{prefix}/val_perplexity': math.exp(min(vl, 700))}
+        values = {f'{prefix}/train_loss': tl, f'{prefix}/val_loss': vl,
+                  f'{prefix}/val_perplexity': math.exp(min(vl, 700))}
         if bytes_per_token: values[f'{prefix}/val_bpb'] = vl / math.log(2) / bytes_per_token
         self.record(it, values)
         bpb = f" | Val bpb: {values[f'{prefix}/val_bpb']:.4f}" if bytes_per_token else ''
@@ -226,7 +246,8 @@ class Logger:
         if self.records: self.records.log(it, values)
 
     def cut(self) -> tuple:
-        "Where an extended run cuts the records back to, and the byte range of the last step's line it leaves out (or None)."
+        """Where an extended run cuts the records back to, and the byte range of the last step's line it leaves out (or
+        None)."""
         return self.tell(), self.last_line
 
     def tell(self) -> int|None: return self.records.tell() if self.records else None
@@ -260,7 +281,8 @@ def evaluate(model, # the model, or the step's (compiled, wrapped) forward
 
 # %% ../nbs/10_train.ipynb #2b1558a8
 class Evaluator:
-    "Evaluation, every `eval_interval` iterations and once at the end: the mean loss on train and on val batches, each from a fixed seed."
+    """Evaluation, every `eval_interval` iterations and once at the end: the mean loss on train and on val batches, each
+    from a fixed seed."""
     def __init__(self, data:dict, # the run's token arrays: {'train': ..., 'val': ...}
                  bytes_per_token:float|None=None, # of the val text (bits per byte are reported when it is known)
                 ):
@@ -285,15 +307,18 @@ class Evaluator:
         t.logger.refresh_plot()
 
     def last(self, t):
-        "At the end of a run: evaluate where the last evaluation was not (recorded silently, on an evaluation iteration)."
+        """At the end of a run: evaluate where the last evaluation was not (recorded silently, on an evaluation
+        iteration)."""
         it = t.state.iteration
         if t.state.last_eval_iter == it: return
         t.state.evaluated(it, *self.losses(t))
-        if it % t.cfg.eval_interval == 0: t.logger.eval(it, 'eval', t.state.last_losses, self.bytes_per_token, show=False)
+        if it % t.cfg.eval_interval == 0:
+            t.logger.eval(it, 'eval', t.state.last_losses, self.bytes_per_token, show=False)
 
 # %% ../nbs/10_train.ipynb #9f880774
 class Checkpointer:
-    "The run directory's part: its lock and the files that say whose it is, a checkpoint every `checkpoint_interval`, pruning."
+    """The run directory's part: its lock and the files that say whose it is, a checkpoint every `checkpoint_interval`,
+    pruning."""
     def __init__(self, plan:RunPlan, # where the run goes and what it continues (`plan_run`)
                  start:int=0, # the iteration the run starts (or resumes) at: it is not saved again
                 ):
@@ -302,22 +327,29 @@ class Checkpointer:
         self.saving = None   # the checkpoint being written, while it is
 
     def claim(self, t, tokenizer:Path|None=None) -> RunRecords:
-        "Lock the directory, check nothing changed since the plan, then write: W&B, run.json, config.json, the tokenizer, the records."
+        """Lock the directory, check nothing changed since the plan, then write: W&B, run.json, config.json, the
+        tokenizer, the records."""
         d, cfg, plan = self.dir.lock(), t.cfg, self.plan
         if d.fingerprint() != plan.fingerprint:
-            raise LMBasicsError(f"{d.path} changed while this run was starting (another run wrote to it); run the command again")
+            raise LMBasicsError(f"{d.path} changed while this run was starting (another run wrote to it); run the "
+                                f"command again")
         run = None
         if cfg.use_wandb:   # before any file: a W&B failure leaves nothing that makes the directory look like a run
-            run = start_wandb(d.path, asdict(cfg), cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_tags, t.state.wandb_id)
+            run = start_wandb(d.path, asdict(cfg), cfg.wandb_project, cfg.wandb_run_name, cfg.wandb_tags,
+                              t.state.wandb_id)
             t.state.wandb_id = run.id
         d.start(plan.run_id, plan.parent, asdict(cfg))
-        # a run killed between saving a checkpoint and pruning the oldest left one too many; killed there again and again,
-        # it would pile them up: prune before training, so the directory never holds more than keep_last + 1 of its own
+        # a run killed between saving a checkpoint and pruning the oldest left one too many; killed there again and
+        # again, it would pile them up: prune before training, so the directory never holds more than keep_last + 1 of
+        # its own
         if plan.checkpoint is not None: d.prune(cfg.keep_last, cfg.keep_every)
-        if tokenizer is not None and not (d.path/'tokenizer.json').exists(): shutil.copyfile(tokenizer, d.path/'tokenizer.json')
+        if tokenizer is not None and not (d.path/'tokenizer.json').exists():
+            shutil.copyfile(tokenizer, d.path/'tokenizer.json')
         ts = (plan.checkpoint or {}).get('train_state') or {}
-        return RunRecords(d.path, keep_from=plan.metrics_from, keep_bytes=ts.get('metrics_bytes', 0 if plan.checkpoint is None else None),
-                          drop=ts.get('metrics_drop'), elapsed=ts.get('elapsed', 0.0), wandb_run=run, plot=cfg.plot, warn=t.console.say)
+        return RunRecords(d.path, keep_from=plan.metrics_from,
+                          keep_bytes=ts.get('metrics_bytes', 0 if plan.checkpoint is None else None),
+                          drop=ts.get('metrics_drop'), elapsed=ts.get('elapsed', 0.0), wandb_run=run, plot=cfg.plot,
+                          warn=t.console.say)
 
     def maybe(self, t):
         "Save if the run is at a checkpoint iteration (but not the one it started at)."
@@ -326,11 +358,13 @@ class Checkpointer:
 
     def poisoned(self, t) -> LMBasicsError:
         "The error for a step taken unchecked that was non-finite: nothing after it is saved."
-        return LMBasicsError(f"non-finite loss or gradient norm in a step before iteration {t.state.iteration} (without --check_finite, "
-                             f"steps are checked at log intervals and before saving); nothing after it was saved; last good "
-                             f"checkpoint: {self.dir.latest() or 'none'}; lower --lr, raise --warmup_iters or check the data, then resume")
+        return LMBasicsError(f"non-finite loss or gradient norm in a step before iteration {t.state.iteration} "
+                             f"(without --check_finite, steps are checked at log intervals and before saving); nothing "
+                             f"after it was saved; last good checkpoint: {self.dir.latest() or 'none'}; lower --lr, "
+                             f"raise --warmup_iters or check the data, then resume")
 
-    def save(self, t, cut:tuple|None=None, # where an extension cuts the records back to, and a line it leaves out (`Logger.cut`)
+    def save(self, t,
+             cut:tuple|None=None, # where an extension cuts the records back to, and a line it leaves out (`Logger.cut`)
             ) -> Path:
         "Save the run's checkpoint at its iteration (every rank calls it; rank 0 writes, prunes and says so)."
         if t.step.poisoned(): raise self.poisoned(t)
@@ -351,18 +385,21 @@ class Checkpointer:
             self.saved, self.saving = self.saving, None
         lost = "the checkpoint being written was discarded; " if self.saving is not None else ''
         if self.saved is None: return f"Interrupted twice: stopped at once; {lost}no checkpoint was saved"
-        return f"Interrupted twice: stopped at once; {lost}the newest checkpoint is {self.saved}: continue with --resume auto"
+        return (f"Interrupted twice: stopped at once; {lost}the newest checkpoint is {self.saved}: continue with "
+                f"--resume auto")
 
 # %% ../nbs/10_train.ipynb #a5d87de3
 CHANGED = 1 << 8   # in a vote, above every signal number: a token file changed underneath
 
 class Stopper:
-    "The stop conditions: a signal, a token file changed underneath, a non-finite step; under torchrun, every rank at the same point."
+    """The stop conditions: a signal, a token file changed underneath, a non-finite step; under torchrun, every rank at
+    the same point."""
     def __init__(self, batches, # the run's BatchPrefetcher (its `error`: a change seen while fetching)
                  world:int=1, # processes in the run
                 ):
         self.batches, self.group = batches, control_group() if world > 1 else None
-        self.agreed, self.signal = False, 0   # the end-of-step vote covered the batch fetched ahead; the signal that stopped the run
+        # the end-of-step vote covered the batch fetched ahead; the signal that stopped the run
+        self.agreed, self.signal = False, 0
 
     def _flag(self, error) -> int: return (SIGNALS.requested or 0) + CHANGED * (error is not None)
     def _vote(self, flag:int) -> int: return any_rank(flag, self.group) if self.group is not None else flag
@@ -372,9 +409,11 @@ class Stopper:
         if flag: self.signal = flag; raise StopRequested()
 
     def micro(self):
-        "Before each micro-batch, its batch fetched: stop on a signal or a changed token file (every rank at the same one)."
+        """Before each micro-batch, its batch fetched: stop on a signal or a changed token file (every rank at the same
+        one)."""
         error = self.batches.error
-        flag = CHANGED * (error is not None) if self.agreed else self._vote(self._flag(error))   # agreed: every rank knows
+        # agreed: every rank knows
+        flag = CHANGED * (error is not None) if self.agreed else self._vote(self._flag(error))
         self.agreed = False
         self._decide(flag, error, self.batches.args[0])
 
@@ -394,34 +433,41 @@ class Stopper:
         return bool(self.signal)
 
     def accepts(self, t, res:StepResult) -> bool:
-        "Whether a step updated the weights; a non-finite one was skipped, and past `skip_nonfinite` of them the run stops."
+        """Whether a step updated the weights; a non-finite one was skipped, and past `skip_nonfinite` of them the run
+        stops."""
         if res.updated: return True
         t.state.skipped += 1
-        msg = f"non-finite loss {res.loss.item()} / gradient norm {res.grad_norm.item()} at iteration {t.state.iteration - 1}"
+        msg = (f"non-finite loss {res.loss.item()} / gradient norm {res.grad_norm.item()} at iteration "
+               f"{t.state.iteration - 1}")
         if t.state.skipped > t.cfg.skip_nonfinite:
             raise LMBasicsError(f"{msg}: stopped before the weights were updated; last good checkpoint: "
-                                f"{t.checkpointer.dir.latest() or 'none'}; lower --lr, raise --warmup_iters or check the data, "
-                                f"then resume (--skip_nonfinite N tolerates N such steps)")
+                                f"{t.checkpointer.dir.latest() or 'none'}; lower --lr, raise --warmup_iters or "
+                                f"check the data, then resume (--skip_nonfinite N tolerates N such steps)")
         t.console.say(f"Warning: {msg}: step skipped ({t.state.skipped} of at most {t.cfg.skip_nonfinite})")
         t.logger.record(t.state.iteration - 1, {'train/skipped_nonfinite': t.state.skipped})
         return False
 
 # %% ../nbs/10_train.ipynb #c298fdd1
-def plan_and_check(cfg:TrainConfig, explicit:set[str], rank:int, world:int, console:Console) -> tuple[TrainConfig, 'RunPlan', RunState]:
+def plan_and_check(cfg:TrainConfig, explicit:set[str], rank:int, world:int, console:Console) -> tuple[TrainConfig,
+    'RunPlan', RunState]:
     "Where the run goes and what it continues, with its settings merged and checked; nothing is written."
-    plan = plan_run(cfg.resume_from, cfg.checkpoint_dir, 'checkpoint_dir' in explicit, check_free=rank == 0)   # the rank that will lock it looks
+    # the rank that will lock it looks
+    plan = plan_run(cfg.resume_from, cfg.checkpoint_dir, 'checkpoint_dir' in explicit, check_free=rank == 0)
     for note in plan.notes: console.say(note)
     if plan.checkpoint is not None:
-        cfg, changes = merge_resumed_config(cfg, explicit, plan.checkpoint.get('config', {}), source=str(plan.checkpoint_path))
+        cfg, changes = merge_resumed_config(cfg, explicit, plan.checkpoint.get('config', {}),
+                                            source=str(plan.checkpoint_path))
         for c in changes: console.say(f"Resume: {c}")
     elif cfg.init_from: cfg = init_config(cfg, explicit)   # a fresh run from a transformers Llama: its architecture
     cfg = validate(dataclasses.replace(cfg, checkpoint_dir=str(plan.dir.path)))
     check_overwrites(plan, cfg.max_iters)   # a file the run did not write, where it could save
     if cfg.fsdp and not dist.is_initialized():
-        raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m lm_basics.train ...")
+        raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m "
+                            "lm_basics.train ...")
     if (accum := resolve_accumulation(cfg, world, explicit)) != cfg.gradient_accumulation_steps:
-        console.say(f"total_batch_size {cfg.total_batch_size:,} = {accum} micro-steps x batch_size {cfg.batch_size} x context_length "
-                    f"{cfg.context_length} x {world} process(es): gradient_accumulation_steps {cfg.gradient_accumulation_steps} -> {accum}")
+        console.say(f"total_batch_size {cfg.total_batch_size:,} = {accum} micro-steps x batch_size {cfg.batch_size} x "
+                    f"context_length {cfg.context_length} x {world} process(es): gradient_accumulation_steps "
+                    f"{cfg.gradient_accumulation_steps} -> {accum}")
         cfg = dataclasses.replace(cfg, gradient_accumulation_steps=accum)
     return cfg, plan, RunState.from_checkpoint(plan.checkpoint)
 
@@ -432,16 +478,19 @@ def check_meta(path:str, vocab_size:int):
     if not meta.is_file(): return
     v = read_meta(meta).get('vocab_size')   # a damaged meta.json is one clear error, not a guess
     if isinstance(v, int) and vocab_size < v:
-        raise LMBasicsError(f"vocab_size {vocab_size} is smaller than the vocabulary of the data ({v}, from {meta}); pass --vocab_size {v}")
+        raise LMBasicsError(f"vocab_size {vocab_size} is smaller than the vocabulary of the data ({v}, from {meta}); "
+                            f"pass --vocab_size {v}")
 
 # %% ../nbs/10_train.ipynb #aa9d2fe8
 def run_tokenizer(run_dir:Path, train_path:str) -> Path|None:
-    "The tokenizer.json the run trains with (beside the data); refuse one that differs from the copy the run already holds."
+    """The tokenizer.json the run trains with (beside the data); refuse one that differs from the copy the run already
+    holds."""
     src, kept = Path(train_path).parent/'tokenizer.json', run_dir/'tokenizer.json'
     if not src.is_file(): return None
     if kept.is_file() and kept.read_bytes() != src.read_bytes():
-        raise LMBasicsError(f"the tokenizer beside the training data ({src}) differs from the one this run was trained with ({kept}): "
-                            f"the data was prepared again; train on the data the run used, or start a new run in another --checkpoint_dir")
+        raise LMBasicsError(f"the tokenizer beside the training data ({src}) differs from the one this run was trained "
+                            f"with ({kept}): the data was prepared again; train on the data the run used, or start a "
+                            f"new run in another --checkpoint_dir")
     return src
 
 # %% ../nbs/10_train.ipynb #1d4c7285
@@ -455,14 +504,15 @@ def data_fingerprint(path:str|Path) -> str:
 
 # %% ../nbs/10_train.ipynb #66c163a3
 def check_same_data(plan, state:RunState, paths:tuple[str, str], console:Console):
-    "Refuse to continue a run on other token files than it trained on (a branch may, and says so); record their fingerprints."
+    """Refuse to continue a run on other token files than it trained on (a branch may, and says so); record their
+    fingerprints."""
     now = dict(train=data_fingerprint(paths[0]), val=data_fingerprint(paths[1]))
     if state.data and state.data != now:
         which = ' and '.join(f"{k} data {p}" for k, p in zip(('train', 'val'), paths) if state.data.get(k) != now[k])
         if plan.parent is None:
-            raise LMBasicsError(f"the {which} is not what this run trained on (its checkpoint holds another fingerprint): put the "
-                                f"data back, or train on the new data as a new run, branched with --resume_from "
-                                f"{plan.checkpoint_path} --checkpoint_dir NEW_DIR")
+            raise LMBasicsError(f"the {which} is not what this run trained on (its checkpoint holds another "
+                                f"fingerprint): put the data back, or train on the new data as a new run, branched "
+                                f"with --resume_from {plan.checkpoint_path} --checkpoint_dir NEW_DIR")
         console.say(f"Data: the {which} differs from the data of the run this one branches from")
     state.data = now
 
@@ -481,39 +531,48 @@ def bytes_per_token(data:np.ndarray, # the validation token array
     length = np.zeros(max(max(vocab.values()) + 1, int(data.max()) + 1), dtype=np.int64)
     for s, i in vocab.items(): length[i] = 0 if s in special else len(s)   # ByteLevel: one character per byte
     counts = np.zeros(len(length), dtype=np.int64)
-    for i in range(0, len(data), 1 << 24): counts += np.bincount(np.asarray(data[i:i + (1 << 24)]), minlength=len(length))
+    for i in range(0, len(data), 1 << 24):
+        counts += np.bincount(np.asarray(data[i:i + (1 << 24)]), minlength=len(length))
     return float(counts @ length) / len(data)
 
 # %% ../nbs/10_train.ipynb #bbbda505
 def load_data(cfg:TrainConfig, run_dir:Path, console:Console) -> tuple:
-    "The run's (train, val) token arrays, checked; the tokenizer they were prepared with (or None); the validation bytes per token (or None)."
+    """The run's (train, val) token arrays, checked; the tokenizer they were prepared with (or None); the validation
+    bytes per token (or None)."""
     train_path, val_path = data_paths(cfg)
     for p in (train_path, val_path): check_meta(p, cfg.vocab_size)
     tokenizer = run_tokenizer(run_dir, train_path)
-    if cfg.sample_tokens: find_tokenizer(dict(asdict(cfg), train_data_path=train_path), run_dir=run_dir, purpose='--sample_tokens')
+    if cfg.sample_tokens:
+        find_tokenizer(dict(asdict(cfg), train_data_path=train_path), run_dir=run_dir, purpose='--sample_tokens')
     console.say("Loading data with memory mapping...")
-    train_data = load_tokens(train_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"train data {train_path}")
+    train_data = load_tokens(train_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype,
+                             name=f"train data {train_path}")
     val_data = load_tokens(val_path, cfg.vocab_size, cfg.context_length, cfg.data_dtype, name=f"val data {val_path}")
     console.say(f"Train data size: {len(train_data):,} tokens\nValidation data size: {len(val_data):,} tokens")
-    if (bpt := bytes_per_token(val_data, tokenizer, val_path)) is not None: console.say(f"Validation bytes per token: {bpt:.4f}")
+    if (bpt := bytes_per_token(val_data, tokenizer, val_path)) is not None:
+        console.say(f"Validation bytes per token: {bpt:.4f}")
     return train_data, val_data, tokenizer, bpt
 
 # %% ../nbs/10_train.ipynb #90235af6
 def build_model(cfg:TrainConfig, device:torch.device, world:int=1) -> TransformerLM:
     "The run's model on `device` (sharded with FSDP2 if asked), after checking that a training step fits in memory."
     args = {k: getattr(cfg, k) for k in MODEL_ARGS}
-    with torch.device('meta'):   # counted on one and two layers, not allocated (a million layers would take minutes to build)
+    # counted on one and two layers, not allocated (a million layers would take minutes to build)
+    with torch.device('meta'):
         one, two = (sum(p.numel() for p in TransformerLM(**{**args, 'num_layers': n}).parameters()) for n in (1, 2))
     params = one + (two - one) * (cfg.num_layers - 1)
-    need = training_memory(params // (world if cfg.fsdp else 1), cfg.batch_size * cfg.context_length, cfg.d_model, cfg.num_layers,
-                           cfg.d_ff, cfg.vocab_size, cfg.loss_chunk)
+    need = training_memory(params // (world if cfg.fsdp else 1), cfg.batch_size * cfg.context_length, cfg.d_model,
+                           cfg.num_layers, cfg.d_ff, cfg.vocab_size, cfg.loss_chunk)
     free = available_memory(device)
-    sharing = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if device.type == 'cpu' else 1   # torchrun's processes on one machine share its RAM
+    # torchrun's processes on one machine share its RAM
+    sharing = int(os.environ.get('LOCAL_WORLD_SIZE', 1)) if device.type == 'cpu' else 1
     if free is not None and need['total'] * sharing > free:
         gib = lambda b: f"{b / 2**30:,.1f} GiB"
-        raise LMBasicsError(f"this model and batch need about {gib(need['total'])}" + (f" in each of {sharing} processes" if sharing > 1 else '')
-                            + f" ({params:,} parameters with their gradients and optimizer state: {gib(need['state'])}; activations: "
-                            f"{gib(need['activations'])}) but {device.type} has {gib(free)} free; {MEMORY_FIX}")
+        raise LMBasicsError(f"this model and batch need about {gib(need['total'])}"
+                            + (f" in each of {sharing} processes" if sharing > 1 else '')
+                            + f" ({params:,} parameters with their gradients and optimizer state: "
+                            f"{gib(need['state'])}; activations: {gib(need['activations'])}) but {device.type} has "
+                            f"{gib(free)} free; {MEMORY_FIX}")
     model = TransformerLM(**args).to(device)
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -525,7 +584,8 @@ def build_model(cfg:TrainConfig, device:torch.device, world:int=1) -> Transforme
 def time_micro_step(cfg:TrainConfig, model, device:torch.device, dtype:str) -> float:
     "Seconds of one eager forward and backward on a random batch (the second of two; the weights are untouched)."
     g = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.context_length), generator=g).to(device) for _ in range(2))
+    x, y = (torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.context_length), generator=g).to(device)
+            for _ in range(2))
     for i in range(2):
         if i == 1: t0 = time.perf_counter()
         try:
@@ -544,17 +604,19 @@ def check_feasible(cfg:TrainConfig, accum:int, micro:float):
     "Refuse a step or an evaluation that could not finish in a day, from the measured seconds of one micro-step."
     days = lambda s: f"{s / 86_400:,.1f} days" if s >= 86_400 else f"{s / 3600:,.1f} hours"
     if accum * micro > MAX_WAIT:
-        raise LMBasicsError(f"one optimizer step would take about {days(accum * micro)} ({accum:,} micro-batches of {micro:.2f} s): "
-                            f"lower --total_batch_size or --gradient_accumulation_steps")
+        raise LMBasicsError(f"one optimizer step would take about {days(accum * micro)} ({accum:,} micro-batches of "
+                            f"{micro:.2f} s): lower --total_batch_size or --gradient_accumulation_steps")
     if 2 * cfg.eval_iters * micro / 3 > MAX_WAIT:   # train and val batches, a forward each (about a third of a step)
-        raise LMBasicsError(f"one evaluation would take about {days(2 * cfg.eval_iters * micro / 3)} ({cfg.eval_iters:,} "
-                            f"batches of train and of val data): lower --eval_iters")
+        raise LMBasicsError(f"one evaluation would take about {days(2 * cfg.eval_iters * micro / 3)} "
+                            f"({cfg.eval_iters:,} batches of train and of val data): lower --eval_iters")
 
 # %% ../nbs/10_train.ipynb #1d94e9ec
 def decide_compile(cfg:TrainConfig, state:RunState, step_secs:float|None, asked:bool) -> tuple[bool, str]:
-    "Compile or not: as asked, as the run decided before (a resumed run computes as it did), or from the measured eager step."
+    """Compile or not: as asked, as the run decided before (a resumed run computes as it did), or from the measured
+    eager step."""
     if not asked and state.compiled is not None: return state.compiled, "as this run decided when it started"
-    state.compiled, why = from_master(resolve_compile(cfg.compile, step_secs or 0.0, cfg.max_iters - state.iteration, cfg.num_layers))
+    state.compiled, why = from_master(resolve_compile(cfg.compile, step_secs or 0.0, cfg.max_iters - state.iteration,
+                                                      cfg.num_layers))
     return state.compiled, why
 
 def decide_dtype(cfg:TrainConfig, state:RunState, model, device:torch.device) -> tuple[str, str, float|None]:
@@ -562,19 +624,24 @@ def decide_dtype(cfg:TrainConfig, state:RunState, model, device:torch.device) ->
     if cfg.dtype != 'auto': return cfg.dtype, f"--dtype {cfg.dtype} given", None
     if state.dtype is not None: return state.dtype, "as this run decided when it started", None
     if device.type != 'cpu': return resolve_dtype('auto', device), f"the default on {device.type}", None
-    probe = {d: matmul_probe(dtype=getattr(torch, d), budget=0.15) for d in ('float32', 'bfloat16')}   # a fraction of a second
+    # a fraction of a second
+    probe = {d: matmul_probe(dtype=getattr(torch, d), budget=0.15) for d in ('float32', 'bfloat16')}
     if probe['bfloat16'] < 1.2 * probe['float32']:
         return from_master(('float32', f"the default here: a bfloat16 matmul is no faster on this CPU "
-                                       f"({probe['bfloat16'] / 1e9:,.0f} vs {probe['float32'] / 1e9:,.0f} GFLOP/s)", None))
-    secs = {d: time_micro_step(cfg, model, device, d) for d in ('float32', 'bfloat16')}   # the real model, one step each
+                                       f"({probe['bfloat16'] / 1e9:,.0f} vs {probe['float32'] / 1e9:,.0f} GFLOP/s)",
+                            None))
+    # the real model, one step each
+    secs = {d: time_micro_step(cfg, model, device, d) for d in ('float32', 'bfloat16')}
     pick, why = choose_dtype(secs, 'a micro-step')
     return from_master((pick, why, secs[pick]))
 
 # %% ../nbs/10_train.ipynb #92a7e88e
 class Trainer:
-    "One training run: its settings, state, data, model, optimizer and step as attributes, and the parts that act on them."
+    """One training run: its settings, state, data, model, optimizer and step as attributes, and the parts that act on
+    them."""
     def __init__(self, cfg:TrainConfig, # the settings of the run
-                 explicit:set[str]|None=None, # settings given explicitly (when resuming, the others come from the checkpoint)
+                 # settings given explicitly (when resuming, the others come from the checkpoint)
+                 explicit:set[str]|None=None,
                  out=None, # where the log goes (default: stdout)
                 ):
         SIGNALS.install().at_once('during start-up: nothing was trained or saved')
@@ -590,11 +657,13 @@ class Trainer:
         self._parts()
 
     def fit(self) -> dict:
-        "Claim the run directory, train to `max_iters` (or until stopped), end with the final evaluation and checkpoint."
+        """Claim the run directory, train to `max_iters` (or until stopped), end with the final evaluation and
+        checkpoint."""
         if self.state.complete(self.cfg.max_iters): return self._complete()
         self._claim()
         state, cfg = self.state, self.cfg
-        with SIGNALS.requests(self.checkpointer.twice):   # a first signal is now a request, honoured at the next micro-batch
+        # a first signal is now a request, honoured at the next micro-batch
+        with SIGNALS.requests(self.checkpointer.twice):
             try:
                 try:
                     while state.iteration < cfg.max_iters:
@@ -608,7 +677,8 @@ class Trainer:
                         self.logger.step(self, res, lr)
                         if self.stopper.after_step(): break   # a signal: every rank stops after the same step
                     else: self.evaluator.last(self)
-                except StopRequested: pass   # seen between micro-batches or evaluation batches: the step in flight is dropped
+                # seen between micro-batches or evaluation batches: the step in flight is dropped
+                except StopRequested: pass
                 path = self._end()
             except DataChanged:   # a token file changed underneath: keep the steps taken, then stop
                 if state.iteration != self.start: self.checkpointer.save(self)
@@ -623,14 +693,16 @@ class Trainer:
         "The run's precision, seeds and data, checked (still nothing written); the batches and the evaluator over them."
         cfg = self.cfg
         if cfg.dtype == 'float16' and self.device.type != 'cuda':
-            raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {self.device.type}); use --dtype bfloat16 or float32")
+            raise LMBasicsError(f"dtype float16 needs a CUDA device (this run is on {self.device.type}); use --dtype "
+                                f"bfloat16 or float32")
         random.seed(cfg.seed); np.random.seed(cfg.seed); torch.manual_seed(cfg.seed)
         if self.rank == 0: print_config(cfg, file=self.console)
         train_data, val_data, self.tokenizer, bpt = load_data(cfg, self.plan.dir.path, self.console)
         check_same_data(self.plan, self.state, data_paths(cfg), self.console)
-        gen = torch.Generator().manual_seed(cfg.seed)   # the same on every rank: each takes its slice of the global batch
-        self.batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, self.device, gen, self.rank, self.world,
-                                       cfg.gradient_accumulation_steps)
+        # the same on every rank: each takes its slice of the global batch
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, self.device, gen, self.rank,
+                                       self.world, cfg.gradient_accumulation_steps)
         self.evaluator = Evaluator(dict(train=train_data, val=val_data), bpt)
 
     def _build(self, compile_asked:bool):
@@ -638,23 +710,29 @@ class Trainer:
         cfg, plan, accum = self.cfg, self.plan, self.cfg.gradient_accumulation_steps
         self.console.say("\nInitializing model...")
         self.model = build_model(cfg, self.device, self.world)
-        if plan.checkpoint is None and cfg.init_from: self.console.say(init_weights(self.model, cfg.init_from))   # checked weights
+        # checked weights
+        if plan.checkpoint is None and cfg.init_from: self.console.say(init_weights(self.model, cfg.init_from))
         self.params = n = count_parameters(self.model)
         self.console.say(f"Total parameters: {n['total']:,}\nTrainable parameters: {n['trainable']:,}\n"
                          f"Non-embedding parameters: {n['non_embedding']:,}")
         self.optimizer = make_optimizer(self.model, cfg, self.device.type)
         if plan.checkpoint is not None:
             load_checkpoint(plan.checkpoint, self.model, self.optimizer)
-            if 'rng' in (ts := plan.checkpoint.get('train_state') or {}): set_rng_state(ts['rng'], self.batches.generator)
+            if 'rng' in (ts := plan.checkpoint.get('train_state') or {}):
+                set_rng_state(ts['rng'], self.batches.generator)
             self.console.say(f"Resumed from {plan.checkpoint_path} at iteration {self.start}"
-                             + (f" (a new run in {plan.dir.path}, branched from run {plan.parent['run_id']})" if plan.parent else ''))
+                             + (f" (a new run in {plan.dir.path}, branched from run {plan.parent['run_id']})"
+                                if plan.parent else ''))
         self.dtype, self.dtype_why, micro = decide_dtype(cfg, self.state, self.model, self.device)
         self.state.dtype = self.dtype if cfg.dtype == 'auto' else self.state.dtype
-        timed = cfg.compile is None or max(accum, cfg.eval_iters) >= 256   # measured when it decides, or when it could be absurd
+        # measured when it decides, or when it could be absurd
+        timed = cfg.compile is None or max(accum, cfg.eval_iters) >= 256
         if timed and micro is None: micro = time_micro_step(cfg, self.model, self.device, self.dtype)
         if micro is not None: check_feasible(cfg, accum, micro)
-        self.compiled, self.compile_why = decide_compile(cfg, self.state, None if micro is None else micro * accum, compile_asked)
-        self.step = TrainStep(self.model, self.optimizer, accum, cfg.grad_clip, self.dtype, cfg.loss_chunk, self.compiled)
+        self.compiled, self.compile_why = decide_compile(cfg, self.state, None if micro is None else micro * accum,
+                                                         compile_asked)
+        self.step = TrainStep(self.model, self.optimizer, accum, cfg.grad_clip, self.dtype, cfg.loss_chunk,
+                              self.compiled)
         if self.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     def _parts(self):
@@ -662,10 +740,12 @@ class Trainer:
         cfg = self.cfg
         self.tokens_per_iter = cfg.batch_size * cfg.context_length * cfg.gradient_accumulation_steps * self.world
         flops = flops_per_token(self.model.config, self.params['non_embedding']) * self.tokens_per_iter
-        self.logger = Logger(self.console, self.tokens_per_iter, flops, Peak(self.device, self.dtype) if self.rank == 0 else None)
+        self.logger = Logger(self.console, self.tokens_per_iter, flops,
+                             Peak(self.device, self.dtype) if self.rank == 0 else None)
         self.checkpointer = Checkpointer(self.plan, self.start)
         self.stopper = Stopper(self.batches, self.world)
-        self.check_each = cfg.check_finite if cfg.check_finite is not None else (self.device.type == 'cpu' or cfg.skip_nonfinite > 0)
+        self.check_each = (cfg.check_finite if cfg.check_finite is not None
+                           else (self.device.type == 'cpu' or cfg.skip_nonfinite > 0))
 
     def _claim(self):
         "Claim the run directory (rank 0; every rank learns if it could not), then say how the run will go."
@@ -675,18 +755,22 @@ class Trainer:
             except LMBasicsError as e: refused = str(e)
         if (refused := from_master(refused)) is not None: raise LMBasicsError(refused)
         peak, procs = self.logger.peak, f" x {self.world} processes" if self.world > 1 else ""
-        self.console.say(f"\nStarting training from iteration {self.start}...\nDevice: {self.device}{procs}\nCompute dtype: {self.dtype} ({self.dtype_why})"
-                         f"\nCompiled: {'yes' if self.compiled else 'no'} ({self.compile_why})\nMax iterations: {self.cfg.max_iters}"
-                         f"\nTokens per iteration: {self.tokens_per_iter:,}"
-                         + (f"\nPeak: {peak.value / 1e9:,.1f} GFLOP/s per process ({peak.source})" if peak else '') + '\n' + '-' * 80)
+        self.console.say(f"\nStarting training from iteration {self.start}...\nDevice: {self.device}{procs}\nCompute "
+                         f"dtype: {self.dtype} ({self.dtype_why})\nCompiled: {'yes' if self.compiled else 'no'} "
+                         f"({self.compile_why})\nMax iterations: {self.cfg.max_iters}\nTokens per iteration: "
+                         f"{self.tokens_per_iter:,}"
+                         + (f"\nPeak: {peak.value / 1e9:,.1f} GFLOP/s per process ({peak.source})" if peak else '')
+                         + '\n' + '-' * 80)
         self.logger.t_log = time.perf_counter()   # the first line's step time starts here
 
     def _end(self) -> Path:
-        "A stopped run saves where it is; a finished one records its final evaluation and saves it. Returns the checkpoint."
+        """A stopped run saves where it is; a finished one records its final evaluation and saves it. Returns the
+        checkpoint."""
         cut = self.logger.cut()   # an extended run cuts its records back to here (less the last step's line)
         if self.stopper.signal: return self.checkpointer.save(self)
         self.console.say('-' * 80 + "\nFinal evaluation...")
-        self.state.final = self.logger.eval(self.state.iteration, 'final', self.state.last_losses, self.evaluator.bytes_per_token)
+        self.state.final = self.logger.eval(self.state.iteration, 'final', self.state.last_losses,
+                                            self.evaluator.bytes_per_token)
         path = self.checkpointer.save(self, cut)
         self.logger.refresh_plot(force=True)
         return path
@@ -704,8 +788,8 @@ class Trainer:
         if self.rank == 0 and self.cfg.plot: self.console.say(f"Loss plot: {Path(self.cfg.checkpoint_dir)/'loss.png'}")
         if self.rank == 0 and self.cfg.sample_tokens > 0:
             self.console.say('-' * 80 + f"\nSample ({self.cfg.sample_tokens} tokens, temperature 0.8):")
-            generate_text(str(path), prompt=self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens, seed=self.cfg.seed,
-                          device=str(self.device), out=self.console, info=False)
+            generate_text(str(path), prompt=self.cfg.sample_prompt, max_new_tokens=self.cfg.sample_tokens,
+                          seed=self.cfg.seed, device=str(self.device), out=self.console, info=False)
             self.console.say('-' * 80)
         SIGNALS.at_once()
         return {**f, 'iterations': it, 'checkpoint': str(path)}
@@ -715,8 +799,9 @@ class Trainer:
         s, f = self.state, self.state.final
         self.console.say(f"Resumed from {self.plan.checkpoint_path} at iteration {s.iteration}\n"
                          f"Run already complete at iteration {s.iteration} (raise --max_iters to continue it)")
-        self.console.say(f"Training complete: {s.iteration} iterations | final train loss {f['final/train_loss']:.4f} | "
-                         f"final val loss {f['final/val_loss']:.4f} | best val loss {s.best_val_loss:.4f}")
+        self.console.say(f"Training complete: {s.iteration} iterations | final train loss "
+                         f"{f['final/train_loss']:.4f} | final val loss {f['final/val_loss']:.4f} | best val loss "
+                         f"{s.best_val_loss:.4f}")
         return {**f, 'iterations': s.iteration, 'checkpoint': str(self.plan.checkpoint_path)}
 
 # %% ../nbs/10_train.ipynb #b7572524

@@ -334,6 +334,10 @@ def merge_resumed_config(cfg:TrainConfig, # the config of this command line
         raise LMBasicsError(f"cannot resume with --optimizer {cfg.optimizer}: {source} holds the state of "
                             f"{saved.get('optimizer', 'adamw')}; drop --optimizer, or start a new run in another "
                             f"--checkpoint_dir")
+    if 'init_from' in explicit and not _same_path(cfg.init_from, saved.get('init_from')):   # the weights are the checkpoint's
+        raise LMBasicsError(f"cannot resume with --init_from {cfg.init_from}: {source} continues a run that started from "
+                            f"{saved.get('init_from') or 'scratch'}; drop --init_from, or start a new run in another "
+                            f"--checkpoint_dir")
     merged, changes = {}, []
     for k in FIELDS:
         if k in explicit or k not in saved: merged[k] = getattr(cfg, k)
@@ -343,6 +347,11 @@ def merge_resumed_config(cfg:TrainConfig, # the config of this command line
     cfg = TrainConfig(**merged)   # a setting given now that the checkpoint's settings make do nothing is refused:
     check_given(cfg, dict.fromkeys(explicit, 2), known=set(FIELDS) - set(explicit), otherwise=f'from {source}')
     return cfg, changes
+
+def _same_path(a:str|None, b:str|None) -> bool:
+    "Whether two path settings name the same place (`llama` and `./llama/` do), or are both unset."
+    return a == b or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+
 
 # %% ../nbs/08_config.ipynb #39b44d6a
 def resolve_accumulation(cfg:TrainConfig, # the run's settings

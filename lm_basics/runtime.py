@@ -190,7 +190,11 @@ def lost_peer(e:BaseException) -> LMBasicsError|None:
     if not dist.is_initialized() or not isinstance(e, RuntimeError): return None
     if not re.search(r'Connection (reset|closed)|Broken pipe|peer|Socket Timeout|timed out', str(e), re.I): return None
     host = socket.gethostname()
-    gone = [r for r, (h, pid) in enumerate(PEERS) if h == host and r != dist.get_rank() and not _alive(pid)]
+    def dead(): return [r for r, (h, pid) in enumerate(PEERS) if h == host and r != dist.get_rank() and not _alive(pid)]
+    # a killed process closes its sockets before it is a zombie: this rank can hear of it a moment before it shows
+    for _ in range(40):
+        if (gone := dead()): break
+        time.sleep(0.05)
     who = f"rank {', '.join(map(str, gone))}" if gone else "another process"
     return LMBasicsError(f"{who} of this distributed run stopped (killed or failed), so this one cannot go on; the "
                          f"checkpoints saved so far are intact: find why it stopped, then relaunch with --resume auto")

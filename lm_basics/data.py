@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #a6316642
 from __future__ import annotations
-import fcntl, json, mmap, os, random, sys, time
+import fcntl, json, mmap, os, random, sys, time, weakref
 from pathlib import Path
 import numpy as np
 import torch
@@ -110,6 +110,8 @@ def open_tokens(path:str|Path, # a `.npy` file, or a raw `.bin`/`.ids` file of `
         data = np.memmap(p, dtype=dt, mode='r')
     if len(data) == 0: raise LMBasicsError(f"token file {p} is empty; prepare it again")
     data.stamp = _stamp(p)   # what the file was when mapped: see `check_unchanged`
+    data.fd = os.open(p, os.O_RDONLY)   # the same file, for batches read safely (`_rows`); closed with the array
+    weakref.finalize(data, os.close, data.fd)
     return data
 
 # %% ../nbs/01_data.ipynb #42758ae6
@@ -251,8 +253,7 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
     if not isinstance(device, torch.device): device = resolve_device(device)
     starts = torch.randint(n, (batch_size * world_size,),
                            generator=generator)[rank * batch_size:(rank + 1) * batch_size].numpy()
-    idx = starts[:, None] + np.arange(context_length + 1)    # (B, T+1)
-    buf = torch.from_numpy(np.asarray(data[idx]).astype(np.int64))  # (B, T+1)
+    buf = torch.from_numpy(_rows(data, starts, context_length + 1).astype(np.int64))  # (B, T+1)
     release_pages(data)
     # one pinned copy and one non-blocking transfer of the B × (T+1) ids; x and y are views of it
     if device.type == 'cuda':
@@ -260,6 +261,20 @@ def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
         return buf[:, :-1], buf[:, 1:]
     x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()  # (B, T) each
     return x.to(device), y.to(device)
+
+def _rows(data:np.ndarray, starts:np.ndarray, n:int) -> np.ndarray:
+    """`data[s:s+n]` for each start `s`, as one `(B, n)` array. From a token file, read with `os.pread` on the file it
+    mapped: a file truncated after `check_unchanged` looked is then a short read and a clear error, where reading its
+    vanished pages through the mapping would kill the process (SIGBUS)."""
+    fd = getattr(data, 'fd', None)
+    if fd is None: return np.asarray(data[starts[:, None] + np.arange(n)])
+    size, out = data.dtype.itemsize, np.empty((len(starts), n), dtype=data.dtype)
+    for row, s in zip(out, starts.tolist()):
+        got = os.pread(fd, n * size, data.offset + s * size)
+        if len(got) < n * size: raise data_changed(data.stamp[0], 'was truncated')
+        row[:] = np.frombuffer(got, dtype=data.dtype)
+    return out
+
 
 # %% ../nbs/01_data.ipynb #4e38f469
 class BatchPrefetcher:

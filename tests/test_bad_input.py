@@ -27,22 +27,6 @@ def existing(byte_run) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- building the inputs
-def setting(arg) -> str|None:
-    "The setting a command-line word sets (`--train-data` -> train_data_path, `--no-compile` -> compile), or None for a value."
-    from lm_basics.config import canonical_name
-    if not isinstance(arg, str) or not arg.startswith('--'): return None
-    name = arg[2:].split('=', 1)[0]
-    return canonical_name(name) or (name.startswith('no-') and canonical_name(name[3:])) or name
-
-def command_line(defaults:list, row:list) -> list:
-    "`defaults` less the flags (and their values) of every setting `row` gives, then `row`: each setting once."
-    groups = []
-    for a in defaults:
-        if setting(a) is not None or not groups: groups.append([a])
-        else: groups[-1].append(a)
-    given = {setting(a) for a in row} - {None}
-    return [a for g in groups if setting(g[0]) not in given for a in g] + list(row)
-
 def data(corpus, train=None, val=None) -> list:
     return ['--train_data_path', train or corpus.path('train', 'npy'), '--val_data_path', val or corpus.path('val', 'npy')]
 
@@ -231,8 +215,8 @@ def answers(tmp_path_factory, corpus, existing, lm) -> dict:
         args, needles, *opts = CASES[cid](inputs, corpus, existing)
         opts = opts[0] if opts else {}
         if opts.get('unprivileged') and not lm.can_drop_file_permissions(): return None
-        argv = command_line([*data(corpus), *lm.tiny_flags(vocab_size=256, **{k: None for k in opts.get('drop', ())}), '--no-plot',
-                             '--checkpoint_dir', fresh], args)
+        argv = lm.merge_flags([*data(corpus), *lm.tiny_flags(vocab_size=256, **{k: None for k in opts.get('drop', ())}),
+                               '--no-plot', '--checkpoint_dir', fresh, *args])   # the row's settings replace the defaults'
         before = lm.snapshot(t, existing, corpus.dir)
         run = lm.run(*argv, cwd=t, unprivileged=opts.get('unprivileged', False))
         return dict(run=run, needles=needles, absent=opts.get('absent', ()), before=before, after=lm.snapshot(t, existing, corpus.dir),

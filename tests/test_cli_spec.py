@@ -102,24 +102,6 @@ def spec_args(cmd:str, **replace) -> list[str]:
     words = words[words.index('-m') + 2:]
     return [replace.get(w, w) for w in words]
 
-def setting(arg) -> str|None:
-    "The setting a command-line word sets (`--train-data` -> train_data_path, `--no-compile` -> compile), or None for a value."
-    from lm_basics.config import canonical_name
-    if not isinstance(arg, str) or not arg.startswith('--'): return None
-    name = arg[2:].split('=', 1)[0]
-    return canonical_name(name) or (name.startswith('no-') and canonical_name(name[3:])) or name
-
-def scaled(args:list, over:list) -> list:
-    "`args` with each setting `over` also gives taking `over`'s value, in place; then the rest of `over`. Each setting once."
-    groups, extra = [], []
-    for words, out in ((args, groups), (over, extra)):
-        for a in words:
-            if setting(a) is not None or not out: out.append([a])
-            else: out[-1].append(a)
-    mine = {setting(g[0]): g for g in extra}
-    return [a for g in groups for a in mine.pop(setting(g[0]), g)] + [a for g in mine.values() for a in g]
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, corpus, lm) -> dict:
     """Every command of the documents that starts a run, each in its own workspace, two at a time, and `--help`:
@@ -132,15 +114,16 @@ def runs(tmp_path_factory, corpus, lm) -> dict:
     data = ['--train-data', corpus.path('train', 'npy'), '--val-data', corpus.path('val', 'npy')]
     tiny, kebab = lm.tiny_flags(), lm.tiny_flags(kebab=True)
     cmds = {  # name: (arguments, python -m, edit the workspace first)
-        'basic': (scaled(spec_args(EN_BASIC), tiny), False, None),
-        'full': (scaled(spec_args(EN_FULL), tiny), False, None),
-        'quick': (scaled(spec_args(EN_QUICK), tiny), True, None),
-        'production': (scaled(spec_args(EN_PRODUCTION), tiny), False, None),
-        'config_small': (scaled(spec_args(ZH_CONFIG_SMALL), kebab), False, None),
-        'config_gpt2': (scaled(spec_args(ZH_CONFIG_GPT2), lm.tiny_flags(kebab=True, vocab_size=256, context_length=16, batch_size=2, dtype=None)), False, None),
-        'kebab': (scaled(spec_args(ZH_FLAGS), kebab), False, None),
-        'wandb_flags': (scaled(spec_args(ZH_WANDB), kebab + data + ['--checkpoint-dir', root/'elsewhere'/'run']), False, None),
-        'wandb_config': (scaled(spec_args(ZH_CONFIG_SMALL), kebab), False, wandb_in_config),
+        'basic': (lm.merge_flags(spec_args(EN_BASIC) + tiny), False, None),
+        'full': (lm.merge_flags(spec_args(EN_FULL) + tiny), False, None),
+        'quick': (lm.merge_flags(spec_args(EN_QUICK) + tiny), True, None),
+        'production': (lm.merge_flags(spec_args(EN_PRODUCTION) + tiny), False, None),
+        'config_small': (lm.merge_flags(spec_args(ZH_CONFIG_SMALL) + kebab), False, None),
+        'config_gpt2': (lm.merge_flags(spec_args(ZH_CONFIG_GPT2) + lm.tiny_flags(kebab=True, vocab_size=256, context_length=16,
+                                                                                  batch_size=2, dtype=None)), False, None),
+        'kebab': (lm.merge_flags(spec_args(ZH_FLAGS) + kebab), False, None),
+        'wandb_flags': (lm.merge_flags(spec_args(ZH_WANDB) + kebab + data + ['--checkpoint-dir', root/'elsewhere'/'run']), False, None),
+        'wandb_config': (lm.merge_flags(spec_args(ZH_CONFIG_SMALL) + kebab), False, wandb_in_config),
         'help': (['--help'], False, None),
     }
     def one(name):
@@ -163,7 +146,8 @@ def resumed(runs, tmp_path_factory, corpus, lm) -> dict:
     assert en[-4:] == ['--resume_from', 'checkpoints/my_run/checkpoint_iter_10.pt', '--max_iters', '30']
     # the Chinese document names the checkpoint checkpoint_2000.pt; ours are checkpoint_iter_N.pt
     zh = spec_args(ZH_RESUME, **{'checkpoints/tinystories_small/checkpoint_2000.pt': 'checkpoints/tinystories_small/checkpoint_iter_10.pt'})
-    zh = scaled(zh, [*lm.tiny_flags(kebab=True, max_iters=30), '--train-data', corpus.path('train', 'npy'), '--val-data', corpus.path('val', 'npy')])
+    zh = lm.merge_flags([*zh, *lm.tiny_flags(kebab=True, max_iters=30), '--train-data', corpus.path('train', 'npy'),
+                         '--val-data', corpus.path('val', 'npy')])
     cmds = {'en': ('full', 'checkpoints/my_run', en), 'zh': ('config_small', 'checkpoints/tinystories_small', zh)}
     def one(name):
         src, ckdir, args = cmds[name]

@@ -15,9 +15,78 @@ exits when the test process closes its end.
 
     python tests/zygote.py FD      # FD: this end of a socketpair(AF_UNIX, SOCK_SEQPACKET), inherited
 """
-import io, json, os, select, signal, socket, sys, threading
+import io, json, os, select, signal, socket, subprocess, sys, threading
+from pathlib import Path
 
 
+# ---------------------------------------------------------------------------------------------------- the tests' end
+class Zygote:
+    "The test process's end of tests/zygote.py: start it, ask for children, hear when they end."
+    def __init__(self, env:dict):
+        import tempfile
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name('zygote.py')), str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log, start_new_session=True)
+        theirs.close()
+        self.sock, self.env, self.lock, self.cv = mine, env, threading.Lock(), threading.Condition()
+        self.pids, self.status, self.next_id, self.dead = {}, {}, 0, False
+        mine.settimeout(120)
+        try: hello = mine.recv(1 << 16)
+        except OSError: hello = b''
+        if not hello: self.proc.kill(); self.proc.wait(); self.log.seek(0); raise RuntimeError(f"fork server did not start:\n{self.log.read().decode()[-3000:]}")
+        mine.settimeout(None)
+        threading.Thread(target=self._read, daemon=True).start()
+    def _read(self):
+        while True:
+            try: msg = self.sock.recv(1 << 16)
+            except OSError: msg = b''
+            with self.cv:
+                if not msg: self.dead = True; self.cv.notify_all(); return
+                m = json.loads(msg)
+                if 'status' in m: self.status[m['pid']] = m['status']
+                else: self.status.pop(m['pid'], None); self.pids[m['id']] = m['pid']   # (a recycled pid's old status)
+                self.cv.notify_all()
+    def spawn(self, entry:str, argv0:str, args:list, cwd, env:dict, out_w:int, err_w:int) -> int:
+        with self.lock:
+            i = self.next_id; self.next_id += 1
+            socket.send_fds(self.sock, [json.dumps(dict(id=i, entry=entry, argv0=argv0, args=args, cwd=str(cwd), env=env)).encode()], [out_w, err_w])
+        with self.cv:
+            self.cv.wait_for(lambda: i in self.pids or self.dead, 60)
+            if i not in self.pids: raise RuntimeError('the fork server did not answer')
+            return self.pids.pop(i)
+    def close(self):
+        try: self.sock.shutdown(socket.SHUT_RDWR)   # the server (and the reader thread, blocked in recv) see the end
+        except OSError: pass
+        self.sock.close()
+        try: self.proc.wait(30)
+        except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+
+
+class Forked:
+    "A child of the fork server, with the parts of `subprocess.Popen` that `Proc` and the tests use."
+    def __init__(self, z:Zygote, script:str, cmd:list, args:list, cwd, env:dict):
+        out_r, out_w = os.pipe(); err_r, err_w = os.pipe()
+        try: self.pid = z.spawn(script.removeprefix('lm_basics_'), cmd[0], args, cwd, env, out_w, err_w)
+        finally: os.close(out_w); os.close(err_w)
+        self.z, self.args, self.returncode = z, cmd, None
+        self.stdout, self.stderr = open(out_r, 'r'), open(err_r, 'r')
+    def poll(self):
+        with self.z.cv:
+            if self.returncode is None and self.pid in self.z.status: self.returncode = os.waitstatus_to_exitcode(self.z.status.pop(self.pid))
+            elif self.returncode is None and self.z.dead: self.returncode = -signal.SIGKILL   # (the server died: not expected)
+        return self.returncode
+    def wait(self, timeout=None):
+        with self.z.cv:
+            if not self.z.cv.wait_for(lambda: self.poll() is not None, timeout): raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+    def kill(self):
+        try: os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+
+
+# ---------------------------------------------------------------------------------------------------- the server
 def child(sock, wake, req, fds):
     "In the forked child: become the requested process, then run the console script (never returns)."
     signal.set_wakeup_fd(-1)

@@ -29,15 +29,21 @@ class StopRequested(Exception):
 
 class Signals:
     """The one handler of SIGINT and SIGTERM, in phases: stop at once with a line saying what became of the work, or
-    take a request."""
+    take a request; and for a block that must not be cut in half, hold the signal until the block is over."""
     def __init__(self):
         self.what, self.hard, self.twice, self.requested, self._old = None, False, None, None, {}
+        self.holding = None   # the signals that arrived in a `held` block, or None outside one
 
     def install(self):
         "Handle SIGINT and SIGTERM here from now on (in the main thread only: Python delivers signals there)."
         if threading.current_thread() is threading.main_thread() and not self._old:
             self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
+
+    def uninstall(self):
+        "Give SIGINT and SIGTERM back to the handlers they had before `install`."
+        for s, h in self._old.items(): signal.signal(s, h)
+        self._old = {}
 
     def at_once(self, what:str|None=None, # what became of the work, said after "Stopped by SIGINT "
                 hard:bool=False, # exit there and then (while importing, no exception may run through half-made modules)
@@ -55,11 +61,26 @@ class Signals:
         try: yield self
         finally: self.twice = None
 
+    @contextlib.contextmanager
+    def held(self):
+        """Phase three, for a block that must not be cut in half (files moved into place, a cleanup): a signal waits
+        until the block is over, then acts as it would have acted outside it (outside any `install`: as before it)."""
+        if threading.current_thread() is not threading.main_thread(): yield; return   # no signal is delivered here
+        ours = bool(self._old)
+        outer, self.holding = self.holding, []
+        self.install()
+        try: yield
+        finally:
+            got, self.holding = self.holding, outer
+            if not ours: self.uninstall()
+            if got: signal.raise_signal(got[0])   # now, to whatever handles it outside the block
+
     def check(self):
         "Raise `StopRequested` if a stop was requested."
         if self.requested is not None: raise StopRequested()
 
     def _handle(self, signum, frame):
+        if self.holding is not None: self.holding.append(signum); return
         name = signal.Signals(signum).name
         if self.twice is None:
             msg = (f"Stopped by {name} {self.what}" if self.what
@@ -73,6 +94,7 @@ class Signals:
         elif signum == signal.SIGINT: raise Interrupted(signum, self.twice())
 
 SIGNALS = Signals()   # the process's one handler
+
 
 # %% ../nbs/00_core.ipynb #7f41c4e6
 def cli_errors(main):

@@ -4,15 +4,14 @@
 
 # %% ../nbs/11_bench.ipynb #a6316642
 from __future__ import annotations
-import inspect, json, math, statistics, subprocess, sys, time, tempfile
+import json, math, statistics, subprocess, sys, time, tempfile
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fastcore.meta import delegates
 from .core import LMBasicsError, cli_errors, resolve_device, CLIParser
 from .data import get_batch, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token, check_model_args
@@ -23,8 +22,8 @@ from .train import TrainStep
 
 # %% auto #0
 __all__ = ['MATMUL_OPS', 'BENCH_FLAGS', 'MODES', 'DTYPES', 'ReferenceAttention', 'ReferenceMLP', 'ReferenceBlock', 'ReferenceGPT',
-           'reference_step', 'FixedBatch', 'bench_train_step', 'profile_train_step', 'bench_sampling', 'run_isolated',
-           'check_bench', 'main']
+           'reference_step', 'FixedBatch', 'BenchConfig', 'bench_train_step', 'profile_train_step', 'bench_sampling',
+           'run_isolated', 'check_bench', 'main']
 
 # %% ../nbs/11_bench.ipynb #b7e1c0a2
 class ReferenceAttention(nn.Module):
@@ -121,26 +120,42 @@ class FixedBatch:
     def next(self): return self.batch
     def prefetch(self): pass
 
-def _setup_step(s:dict, # `bench_train_step`'s settings: the shapes, compile, loss_chunk, dtype, device, reference
-               ):
+@dataclass
+class BenchConfig:
+    "What one benchmark run measures: the shapes, the batch, the variant and how many steps."
+    vocab_size:int=10000 # vocabulary size
+    context_length:int=256 # tokens per row (T)
+    d_model:int=256 # model width
+    num_layers:int=4 # Transformer blocks
+    num_heads:int=4 # attention heads
+    d_ff:int|None=None # feed-forward width; unset: 8/3 d_model rounded to 8
+    batch_size:int=16 # rows per step (B)
+    compile:bool=False # torch.compile the model
+    loss_chunk:int=1024 # rows of logits at a time in the fused loss (0: all at once)
+    dtype:str='float32' # float32 or bfloat16 (autocast)
+    steps:int=5 # timed steps
+    warmup:int=2 # untimed steps first (compilation happens here)
+    device:str='cpu' # device to run on: cpu, cuda, cuda:N or mps
+    reference:bool=False # time `reference_step` on a `ReferenceGPT` of these shapes instead of the trainer's step
+
+def _setup_step(s:BenchConfig):
     """A model and a fixed random batch; return `(model, step)`, `step()` being the trainer's `TrainStep` (or
     `reference_step`) on that batch."""
-    dev, vocab_size, batch_size, context_length = (resolve_device(s['device']), s['vocab_size'], s['batch_size'],
-                                                   s['context_length'])
-    shapes = [s[k] for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads')]
-    d_ff = s['d_ff'] or int(8 * s['d_model'] / 3 + 7) // 8 * 8
+    dev = resolve_device(s.device)
+    shapes = [s.vocab_size, s.context_length, s.d_model, s.num_layers, s.num_heads]
+    d_ff = s.d_ff or int(8 * s.d_model / 3 + 7) // 8 * 8
     g = torch.Generator().manual_seed(1)   # the same batch for every variant
-    x, y = (torch.randint(vocab_size, (batch_size, context_length), generator=g).to(dev) for _ in range(2))
+    x, y = (torch.randint(s.vocab_size, (s.batch_size, s.context_length), generator=g).to(dev) for _ in range(2))
     torch.manual_seed(0)
     # as the trainer does (and nanoGPT)
     if dev.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if s.get('reference'):   # its own MLP width (4 d_model): d_ff is SwiGLU's
+    if s.reference:   # its own MLP width (4 d_model): d_ff is SwiGLU's
         model = ReferenceGPT(*shapes).to(dev)
-        step = reference_step(model, s['compile'], s['dtype'])
+        step = reference_step(model, s.compile, s.dtype)
         return model, lambda: step(x, y)
     model = TransformerLM(*shapes, d_ff).to(dev)
-    step = TrainStep(model, make_optimizer(model, device_type=dev.type), dtype=s['dtype'], loss_chunk=s['loss_chunk'],
-                     compile=s['compile'])
+    step = TrainStep(model, make_optimizer(model, device_type=dev.type), dtype=s.dtype, loss_chunk=s.loss_chunk,
+                     compile=s.compile)
     batch = FixedBatch(x, y)
     # the trainer checks every step on the CPU (free there)
     return model, lambda: step(batch, check=dev.type == 'cpu').loss
@@ -148,51 +163,37 @@ def _setup_step(s:dict, # `bench_train_step`'s settings: the shapes, compile, lo
 def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize()
 
-def bench_train_step(vocab_size:int=10000, # vocabulary size
-                     context_length:int=256, # tokens per row (T)
-                     d_model:int=256, # model width
-                     num_layers:int=4, # Transformer blocks
-                     num_heads:int=4, # attention heads
-                     d_ff:int|None=None, # feed-forward width; unset: 8/3 d_model rounded to 8
-                     batch_size:int=16, # rows per step (B)
-                     compile:bool=False, # torch.compile the model
-                     loss_chunk:int=1024, # rows of logits at a time in the fused loss (0: all at once)
-                     dtype:str='float32', # float32 or bfloat16 (autocast)
-                     steps:int=5, # timed steps
-                     warmup:int=2, # untimed steps first (compilation happens here)
-                     device:str='cpu', # device to run on: cpu, cuda, cuda:N or mps
+def bench_train_step(s:BenchConfig, # what to measure
                      # peak FLOP/s for MFU; unset: peak_flops(device), on a CPU probed around the timed steps
                      peak:float|None=None,
-                     # time `reference_step` on a `ReferenceGPT` of these shapes instead of the trainer's step
-                     reference:bool=False,
                     ) -> dict:
     "Time full training steps of one configuration; return tokens/sec, ms/step, MFU and peak memory."
-    settings = dict(locals())   # the arguments, as given
-    dev = resolve_device(device)
+    dev = resolve_device(s.device)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
-    model, step = _setup_step(settings)
-    pk = Peak(dev, dtype) if peak is None else None   # on a CPU, a probe of the dtype; on a GPU, its datasheet
+    model, step = _setup_step(s)
+    pk = Peak(dev, s.dtype) if peak is None else None   # on a CPU, a probe of the dtype; on a GPU, its datasheet
     t = time.perf_counter()
-    for _ in range(warmup): step()
+    for _ in range(s.warmup): step()
     _sync(dev)
     warm_s = time.perf_counter() - t
     t = time.perf_counter()
-    for _ in range(steps): loss = step()
+    for _ in range(s.steps): loss = step()
     loss.item(); _sync(dev)
-    dt = (time.perf_counter() - t) / steps
-    n = model.count_parameters() if reference else count_parameters(model)
-    tps = batch_size * context_length / dt
+    dt = (time.perf_counter() - t) / s.steps
+    n = model.count_parameters() if s.reference else count_parameters(model)
+    tps = s.batch_size * s.context_length / dt
     achieved = tps * flops_per_token(model.config, n['non_embedding'])
     # probe again next to the timed steps (the better reading counts), and `Peak` raises it to the steps' own rate
     if pk is not None:
         pk.refresh(); mfu, peak = pk.mfu(achieved), pk.value
     else: mfu = achieved / peak if peak else float('nan')
     mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
-    return dict(model='reference' if reference else 'lm_basics', compile=compile, dtype=dtype,
-                loss_chunk=None if reference else loss_chunk,
+    return dict(model='reference' if s.reference else 'lm_basics', compile=s.compile, dtype=s.dtype,
+                loss_chunk=None if s.reference else s.loss_chunk,
                 tokens_per_sec=tps, ms_per_step=dt * 1000, warmup_s=warm_s,
                 mfu=mfu,
                 peak_mem_mb=mem, params=n['total'], peak_flops=peak)
+
 
 # %% ../nbs/11_bench.ipynb #47792605
 MATMUL_OPS = ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_scaled_mm')
@@ -202,37 +203,35 @@ def _kind(op:str) -> str:
     return ('attention' if 'scaled_dot_product' in op or 'flash_attention' in op or 'efficient_attention' in op
             else 'other')
 
-@delegates(bench_train_step, but=['steps', 'warmup', 'peak'])
-def profile_train_step(steps:int=2, # profiled steps
-                       warmup:int=2, # unprofiled steps first (compilation happens here)
+def profile_train_step(s:BenchConfig, # what to profile: `s.steps` profiled steps after `s.warmup` unprofiled ones
                        top:int=12, # operators to list
-                       **kwargs) -> dict:
+                      ) -> dict:
     """Profile training steps: the top operators by self time, the share of matmul and attention, and the matmuls' own
     FLOP rate."""
     from torch.profiler import profile, ProfilerActivity
-    kw = dict(inspect.signature(bench_train_step).parameters)
-    cfg = {k: kwargs.get(k, p.default) for k, p in kw.items() if k not in ('steps', 'warmup', 'peak')}
-    model, step = _setup_step(cfg)
-    for _ in range(warmup): step()
-    _sync(cfg['device'])
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if resolve_device(cfg['device']).type == 'cuda' else [])
+    model, step = _setup_step(s)
+    for _ in range(s.warmup): step()
+    _sync(s.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if resolve_device(s.device).type == 'cuda' else [])
     with profile(activities=acts, with_flops=True) as prof:
-        for _ in range(steps): step()
-        _sync(cfg['device'])
+        for _ in range(s.steps): step()
+        _sync(s.device)
     dev_time = 'self_device_time_total' if acts[-1] != ProfilerActivity.CPU else 'self_cpu_time_total'
     merged = {}
     for e in prof.key_averages():   # Inductor names each compiled graph by a hash: one row for all of them
         name = 'Inductor compiled graphs (fused kernels)' if e.key.startswith('## Call CompiledFxGraph') else e.key
         o = merged.setdefault(name, dict(op=name, ms=0.0, calls=0, flops=0.0, kind=_kind(name)))
-        o['ms'] += getattr(e, dev_time) / 1e3 / steps; o['calls'] += e.count // steps; o['flops'] += e.flops / steps
+        n = s.steps
+        o['ms'] += getattr(e, dev_time) / 1e3 / n; o['calls'] += e.count // n; o['flops'] += e.flops / n
     ops = sorted([o for o in merged.values() if o['ms'] > 0], key=lambda o: -o['ms'])
     total = sum(o['ms'] for o in ops)
     share = {k: sum(o['ms'] for o in ops if o['kind'] == k) / total for k in ('matmul', 'attention', 'other')}
     mm_ms, mm_flops = (sum(o['ms'] for o in ops if o['kind'] == 'matmul'),
                        sum(o['flops'] for o in ops if o['kind'] == 'matmul'))
-    return dict(model='reference' if cfg['reference'] else 'lm_basics', compile=cfg['compile'], dtype=cfg['dtype'],
+    return dict(model='reference' if s.reference else 'lm_basics', compile=s.compile, dtype=s.dtype,
                 step_ms=total, share=share, matmul_flops_per_sec=mm_flops / (mm_ms / 1e3) if mm_ms else float('nan'),
                 top=[{**o, 'share': o['ms'] / total} for o in ops[:top]])
+
 
 # %% ../nbs/11_bench.ipynb #1b6a4464
 def bench_sampling(batch_size:int=16, context_length:int=256, n_tokens:int=50_000_000, batches:int=2000) -> dict:
@@ -251,16 +250,17 @@ def bench_sampling(batch_size:int=16, context_length:int=256, n_tokens:int=50_00
 
 # %% ../nbs/11_bench.ipynb #6825b3ad
 def run_isolated(func:str, # name of a function of this module: 'bench_train_step' or 'profile_train_step'
-                 **kwargs) -> dict:
-    "Call `lm_basics.bench.<func>(**kwargs)` in a fresh Python process and return its result."
+                 s:BenchConfig, # what it measures
+                ) -> dict:
+    "Call `lm_basics.bench.<func>(s)` in a fresh Python process and return its result."
     code = ("import json, sys\nfrom lm_basics import bench\n"
-            "print('\\n' + json.dumps(getattr(bench, sys.argv[1])(**json.loads(sys.argv[2]))))")
-    p = subprocess.run([sys.executable, '-c', code, func, json.dumps(kwargs)], capture_output=True, text=True)
+            "s = bench.BenchConfig(**json.loads(sys.argv[2]))\n"
+            "print('\\n' + json.dumps(getattr(bench, sys.argv[1])(s)))")
+    p = subprocess.run([sys.executable, '-c', code, func, json.dumps(asdict(s))], capture_output=True, text=True)
     if p.returncode != 0:
         why = next((l for l in reversed(p.stderr.strip().splitlines()) if l.strip()), f'exit status {p.returncode}')
-        raise LMBasicsError(
-            f"{func}({', '.join(f'{k}={v!r}' for k, v in kwargs.items() if k in ('compile', 'dtype'))}) failed: {why}; "
-            f"leave that variant out (--variants)")
+        raise LMBasicsError(f"{func}(compile={s.compile!r}, dtype={s.dtype!r}) failed: {why}; "
+                            f"leave that variant out (--variants)")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/11_bench.ipynb #4b15ba01
@@ -371,7 +371,7 @@ def main(argv:list[str]|None=None):
     p = CLIParser(prog='lm_basics_bench',
                   description="Measure training throughput, MFU and memory of one configuration, "
                                "each variant in its own process, and optionally profile a step.")
-    p.add_flags(bench_train_step, list(BENCH_FLAGS))
+    p.add_flags(BenchConfig, list(BENCH_FLAGS))
     p.add_argument('--variants', default='eager:float32,compiled:float32,eager:bfloat16,compiled:bfloat16',
                    help='comma-separated MODE:DTYPE, MODE eager|compiled, DTYPE float32|bfloat16|float16 '
                         '(default: all four CPU ones; with --baseline, the bfloat16 ones only where this machine is '
@@ -405,16 +405,15 @@ def main(argv:list[str]|None=None):
     rows, profiles = [], []
     for i, ref, mode, dtype in runs:
         # its own peak: probe or datasheet
-        r = run_isolated('bench_train_step', **cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)
+        variant = BenchConfig(**cfg, compile=mode == 'compiled', dtype=dtype, reference=ref)
+        r = run_isolated('bench_train_step', variant)
         rows.append(dict(r, round=i))
         print(f"{'reference' if ref else 'lm_basics':9s} {mode:8s} {dtype:8s} {r['tokens_per_sec']:10,.0f} tok/s  "
               f"{r['ms_per_step']:7.0f} ms/step  MFU {r['mfu'] * 100:5.1f}% of {r['peak_flops'] / 1e9:,.1f} GFLOP/s  "
               f"peak memory {r['peak_mem_mb']:,.0f} MiB", flush=True)
         if a['profile'] and i == 0:
-            prof_cfg = {k: v for k, v in cfg.items() if k not in ('steps', 'warmup')}
-            profiles.append((r,
-                             run_isolated('profile_train_step', **prof_cfg, compile=mode == 'compiled', dtype=dtype,
-                                          reference=ref)))
+            # a profile needs few steps: two after two of warm-up
+            profiles.append((r, run_isolated('profile_train_step', replace(variant, steps=2, warmup=2))))
     s = bench_sampling(cfg['batch_size'], cfg['context_length'])
     side_text, side = _side_by_side(rows) if a['baseline'] else ('', {})
     command = 'lm_basics_bench ' + ' '.join(argv if argv is not None else sys.argv[1:])

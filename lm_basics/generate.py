@@ -5,6 +5,7 @@
 # %% ../nbs/06_generate.ipynb #a6316642
 from __future__ import annotations
 import math, sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 import torch
@@ -15,7 +16,7 @@ from .tokenize import EOT, load_tokenizer
 
 # %% auto #0
 __all__ = ['SEED_RANGE', 'GENERATE_FLAGS', 'ByteCodec', 'HFCodec', 'find_tokenizer', 'IncrementalLM', 'check_sampling',
-           'sample_token', 'TextStream', 'generate', 'load_model', 'generate_text', 'main']
+           'sample_token', 'TextStream', 'Sampling', 'generate', 'load_model', 'generate_text', 'main']
 
 # %% ../nbs/06_generate.ipynb #ce4dddcd
 class ByteCodec:
@@ -147,27 +148,33 @@ class TextStream:
         return text
 
 # %% ../nbs/06_generate.ipynb #d2e2c350
+@dataclass(frozen=True)
+class Sampling:
+    "How `generate` draws each token (as Hugging Face's `GenerationConfig` holds them): the knobs and the seed."
+    temperature:float=0.8 # softmax temperature; 0 is greedy
+    top_k:int|None=200 # keep the k most likely tokens (None or 0: all)
+    top_p:float=1.0 # nucleus sampling: keep the most likely tokens up to this probability
+    seed:int|None=None # seed of the sampler (None: a different sample each run)
+
 def generate(model:TransformerLM, # the model (any device; put in eval mode here)
              prompt_ids:list[int], # the prompt's token ids (at least one)
              max_new_tokens:int=256, # most tokens to sample
-             temperature:float=0.8, # softmax temperature; 0 is greedy
-             top_k:int|None=200, # keep the k most likely tokens (0: all)
-             top_p:float=1.0, # nucleus sampling: keep the most likely tokens up to this probability
+             sampling:Sampling=Sampling(), # temperature, top_k, top_p and seed
              eot_id:int|None=None, # stop when this id is sampled
-             seed:int|None=None, # seed of the sampler (None: a different sample each run)
              allowed:int|None=None, # only ids below this are sampled (the tokenizer's vocabulary size)
             ) -> Iterator[int]:
     "Yield up to `max_new_tokens` sampled token ids after `prompt_ids`, stopping at `eot_id`."
-    check_sampling(temperature, top_k, top_p, seed, max_new_tokens)
+    s = sampling
+    check_sampling(s.temperature, s.top_k, s.top_p, s.seed, max_new_tokens)
     g = torch.Generator()
-    if seed is not None: g.manual_seed(seed)
+    if s.seed is not None: g.manual_seed(s.seed)
     else: g.seed()
     model.eval()
     lm = IncrementalLM(model)
     logits = lm.prefill(prompt_ids)
     for i in range(max_new_tokens):
         if allowed is not None and allowed < logits.numel(): logits = logits.clone(); logits[allowed:] = -math.inf
-        tok = sample_token(logits, temperature, top_k, top_p, g)
+        tok = sample_token(logits, s.temperature, s.top_k, s.top_p, g)
         if tok == eot_id: return
         yield tok
         if i < max_new_tokens - 1: logits = lm.step(tok)
@@ -234,8 +241,8 @@ def generate_text(checkpoint:str, # checkpoint file, or a run directory (its new
     con = out if isinstance(out, Console) else Console(out or sys.stdout)   # the caller's Console: the caller's policy
     if echo and prompt: con.write(prompt); con.flush()
     stream, pieces = TextStream(codec.decode), []
-    for tok in generate(model, ids, max_new_tokens, temperature, top_k, top_p, codec.eot_id, seed,
-                        allowed=codec.vocab_size):
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    for tok in generate(model, ids, max_new_tokens, sampling, codec.eot_id, allowed=codec.vocab_size):
         if (s := stream.put(tok)): con.write(s); con.flush(); pieces.append(s)
         if con.lost: break   # the reader went away (`| head`) or the disk is full: nobody sees what comes next
     if not con.lost and (s := stream.flush()): con.write(s); pieces.append(s)

@@ -113,12 +113,12 @@ def greedy_transformers(hf, prompt:list[int], eos:int|None) -> list[int]:
 @pytest.mark.parametrize('name', ['bytes', 'bpe'])
 def test_greedy_generation_matches(models, tf, name):
     "Greedy generation of 30 tokens gives the same tokens in transformers as lm_basics' `generate` at temperature 0."
-    from lm_basics.generate import generate
+    from lm_basics.generate import generate, Sampling
     m = models[name]
     hf = tf.AutoModelForCausalLM.from_pretrained(m.out, local_files_only=True).eval()
     prompt = m.codec.encode('ROMEO.\nO, she')
     assert len(prompt) + 30 <= CONTEXT
-    ours = list(generate(m.model, prompt, max_new_tokens=30, temperature=0, top_k=None, eot_id=m.codec.eot_id))
+    ours = list(generate(m.model, prompt, 30, Sampling(temperature=0, top_k=None), eot_id=m.codec.eot_id))
     assert greedy_transformers(hf, prompt, m.codec.eot_id) == ours
     assert len(set(ours)) > 1, ours   # not a degenerate repeat of one token
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import fcntl, json, mmap, os, random, sys, time, weakref
 from pathlib import Path
+from typing import NamedTuple
 import numpy as np
 import torch
 from .core import LMBasicsError, resolve_device, cache_dir
@@ -13,7 +14,7 @@ from .core import LMBasicsError, resolve_device, cache_dir
 # %% auto #0
 __all__ = ['INT_DTYPES', 'NPY_MAGIC', 'ZIP_MAGIC', 'WIDER', 'BUILTIN_DATASETS', 'looks_like_text', 'open_tokens', 'save_tokens',
            'release_pages', 'check_token_ids', 'raw_dtype_hint', 'load_tokens', 'DataChanged', 'check_unchanged',
-           'data_changed', 'changed_elsewhere', 'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb',
+           'data_changed', 'changed_elsewhere', 'Shard', 'get_batch', 'BatchPrefetcher', 'rss_mb', 'peak_rss_mb',
            'shakespeare_plays', 'builtin_dataset']
 
 # %% ../nbs/01_data.ipynb #3e576d4c
@@ -238,19 +239,24 @@ def changed_elsewhere(data:np.ndarray) -> DataChanged:
     return data_changed(data.stamp[0], 'changed (seen by another process of this run)')
 
 # %% ../nbs/01_data.ipynb #39b44d6a
+class Shard(NamedTuple):
+    "Which `B` rows of a global batch of `world_size × B` rows one process takes: rows `rank*B .. (rank+1)*B`."
+    rank:int=0 # this process's rank
+    world_size:int=1 # number of processes sharing the global batch
+
 def get_batch(data:np.ndarray, # 1-D token array (usually a memmap)
               batch_size:int, # B, rows in the batch
               context_length:int, # T, tokens per row
               device:str|torch.device='cpu', # where the batch goes
               generator:torch.Generator|None=None, # CPU generator the start positions are drawn from
-              rank:int=0, # this process's rank: it takes rows `rank*B .. (rank+1)*B` of the global batch
-              world_size:int=1, # number of processes sharing the global batch of `world_size*B` rows
+              shard:Shard=Shard(), # this process's rows of the global batch (default: one process, all of them)
              ) -> tuple[torch.Tensor, torch.Tensor]:
     "Sample `(x, y)`, each `(B, T)` int64, with `y` the next token after each position of `x`."
     check_unchanged(data)   # before touching the file: a truncated file's pages would kill the process (SIGBUS)
     n = len(data) - context_length
     if n < 1: raise LMBasicsError(f"data holds {len(data)} tokens, too few for context_length {context_length}")
     if not isinstance(device, torch.device): device = resolve_device(device)
+    rank, world_size = shard
     starts = torch.randint(n, (batch_size * world_size,),
                            generator=generator)[rank * batch_size:(rank + 1) * batch_size].numpy()
     buf = torch.from_numpy(_rows(data, starts, context_length + 1).astype(np.int64))  # (B, T+1)
@@ -286,11 +292,13 @@ class BatchPrefetcher:
                  device:str|torch.device, # where batches go
                  # CPU generator the start positions are drawn from (advanced as batches are fetched)
                  generator:torch.Generator,
-                 rank:int=0, world_size:int=1, # as in `get_batch`
+                 shard:Shard=Shard(), # this process's rows of each global batch, as in `get_batch`
                  accum:int=1, # micro-steps per optimizer step: their batches are slices of one draw
                 ):
         self.args = (data, batch_size, context_length, device)
-        self.generator, self.rank, self.world, self.accum = generator, rank, world_size, accum
+        self.generator, self.accum = generator, accum
+        # micro-step m takes slice m·world_size + rank of the step's draw of accum × world_size × B rows
+        self.shards = [Shard(m * shard.world_size + shard.rank, shard.world_size * accum) for m in range(accum)]
         # micro: the micro-step the next fetch is for
         self.pending, self.micro, self.step_state, self.error = None, 0, None, None
 
@@ -300,8 +308,7 @@ class BatchPrefetcher:
         if self.micro == 0: self.step_state = self.generator.get_state()   # a new step: a new draw
         else: self.generator.set_state(self.step_state)                   # the same draw, the next slice
         try:
-            self.pending = get_batch(*self.args, self.generator, self.micro * self.world + self.rank,
-                                     self.world * self.accum)
+            self.pending = get_batch(*self.args, self.generator, self.shards[self.micro])
         except DataChanged as e: self.error = e; return   # raised by `next`: the step in flight still completes
         self.micro = (self.micro + 1) % self.accum
 

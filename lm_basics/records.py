@@ -6,12 +6,13 @@
 from __future__ import annotations
 import json, math, os, time
 from pathlib import Path
+from typing import NamedTuple
 from fastcore.basics import patch_to
 from .core import LMBasicsError, cli_errors, CLIParser, Console, atomic_write
 
 # %% auto #0
-__all__ = ['RUN_HINT', 'RECORD_START', 'MAX_LINE', 'WANDB_SOURCES', 'SERIES', 'read_metrics', 'RunRecords', 'check_wandb_names',
-           'wandb_settings', 'unreachable', 'start_wandb', 'load_run', 'plot_runs', 'main']
+__all__ = ['RUN_HINT', 'RECORD_START', 'MAX_LINE', 'WANDB_SOURCES', 'SERIES', 'read_metrics', 'Kept', 'RunRecords',
+           'check_wandb_names', 'wandb_settings', 'unreachable', 'start_wandb', 'load_run', 'plot_runs', 'main']
 
 # %% ../nbs/07_records.ipynb #3e576d4c
 RUN_HINT = "pass the checkpoint_dir of a run of lm_basics_train"
@@ -69,14 +70,16 @@ def read_metrics(run:str|Path, # a run directory (its checkpoint_dir), or its me
     return out
 
 # %% ../nbs/07_records.ipynb #7f41c4e6
+class Kept(NamedTuple):
+    "The records a run starts with: the first `nbytes` of an earlier metrics.jsonl (this run's, or its parent's)."
+    path:str|Path|None=None # that metrics.jsonl (None: nothing kept)
+    nbytes:int|None=0 # how much of it to keep (None: all)
+    drop:tuple|None=None # a byte range `(start, end)` within those to leave out (a record an extension cuts)
+
 class RunRecords:
     "A run's records: `metrics.jsonl`, the W&B run and `loss.png`, written through one `log` call."
     def __init__(self, run_dir:str|Path, # the run directory
-                 # a metrics.jsonl whose first `keep_bytes` the file starts with (this run's, or its parent's)
-                 keep_from:str|Path|None=None,
-                 keep_bytes:int|None=0, # how much of it to keep (None: all)
-                 # a byte range `(start, end)` within those to leave out (a record an extension cuts)
-                 drop:tuple|None=None,
+                 kept:Kept=Kept(), # the records it starts with (default: none, a fresh file)
                  elapsed:float=0.0, # seconds the run has already trained (a resumed run's clock carries on)
                  wandb_run=None, # a W&B run to log to, or None
                  plot:bool=True, # keep run_dir/loss.png up to date (`refresh_plot`)
@@ -87,7 +90,7 @@ class RunRecords:
         self.t0, self.last_plot = time.time() - elapsed, time.time()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._start(Path(keep_from) if keep_from else None, keep_bytes, drop)
+            self._start(Path(kept.path) if kept.path else None, kept.nbytes, kept.drop)
             self.f = open(self.path, 'a', encoding='utf-8')
         except OSError as e: self._fail(e)
 

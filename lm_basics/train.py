@@ -12,15 +12,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .core import LMBasicsError, cli_errors, resolve_device, Console, SIGNALS, StopRequested
-from .data import (load_tokens, get_batch, BatchPrefetcher, builtin_dataset, BUILTIN_DATASETS, DataChanged,
-                            changed_elsewhere)
+from .data import (load_tokens, get_batch, BatchPrefetcher, Shard, builtin_dataset, BUILTIN_DATASETS,
+                            DataChanged, changed_elsewhere)
 from .model import TransformerLM, MODEL_ARGS, count_parameters, flops_per_token
 from .optim import make_optimizer, learning_rate, clip_grad_norm
 from .tokenize import load_tokenizer, read_meta
 from .checkpoint import (RunDir, RunPlan, plan_run, check_overwrites, checkpoint_path, load_checkpoint,
                                   rng_state, set_rng_state)
 from .generate import find_tokenizer, generate_text
-from .records import RunRecords, start_wandb
+from .records import RunRecords, Kept, start_wandb
 from .config import (TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config,
                               parse_config)
 from .pretrained import init_config, init_weights
@@ -293,7 +293,8 @@ class Evaluator:
         c, stopper = t.cfg, getattr(t, 'stopper', None)
         def on(split:str, seed:int) -> float:
             g = torch.Generator().manual_seed(seed)
-            batch = lambda: get_batch(self.data[split], c.batch_size, c.context_length, t.device, g, t.rank, t.world)
+            shard = Shard(t.rank, t.world)
+            batch = lambda: get_batch(self.data[split], c.batch_size, c.context_length, t.device, g, shard)
             each = (lambda error: stopper.eval_batch(error, self.data[split])) if stopper else None
             return all_mean(evaluate(t.step.forward, batch, c.eval_iters, t.dtype, c.loss_chunk, each), t.device)
         return on('train', c.seed + 1), on('val', c.seed + 2)
@@ -346,9 +347,9 @@ class Checkpointer:
         if tokenizer is not None and not (d.path/'tokenizer.json').exists():
             shutil.copyfile(tokenizer, d.path/'tokenizer.json')
         ts = (plan.checkpoint or {}).get('train_state') or {}
-        return RunRecords(d.path, keep_from=plan.metrics_from,
-                          keep_bytes=ts.get('metrics_bytes', 0 if plan.checkpoint is None else None),
-                          drop=ts.get('metrics_drop'), elapsed=ts.get('elapsed', 0.0), wandb_run=run, plot=cfg.plot,
+        kept = Kept(plan.metrics_from, ts.get('metrics_bytes', 0 if plan.checkpoint is None else None),
+                    ts.get('metrics_drop'))
+        return RunRecords(d.path, kept, elapsed=ts.get('elapsed', 0.0), wandb_run=run, plot=cfg.plot,
                           warn=t.console.say)
 
     def maybe(self, t):
@@ -701,8 +702,8 @@ class Trainer:
         check_same_data(self.plan, self.state, data_paths(cfg), self.console)
         # the same on every rank: each takes its slice of the global batch
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, self.device, gen, self.rank,
-                                       self.world, cfg.gradient_accumulation_steps)
+        self.batches = BatchPrefetcher(train_data, cfg.batch_size, cfg.context_length, self.device, gen,
+                                       Shard(self.rank, self.world), cfg.gradient_accumulation_steps)
         self.evaluator = Evaluator(dict(train=train_data, val=val_data), bpt)
 
     def _build(self, compile_asked:bool):

@@ -31,19 +31,14 @@ class Signals:
     """The one handler of SIGINT and SIGTERM, in phases: stop at once with a line saying what became of the work, or
     take a request; and for a block that must not be cut in half, hold the signal until the block is over."""
     def __init__(self):
-        self.what, self.hard, self.twice, self.requested, self._old = None, False, None, None, {}
+        self.what, self.hard, self.twice, self.requested = None, False, None, None
         self.holding = None   # the signals that arrived in a `held` block, or None outside one
 
     def install(self):
         "Handle SIGINT and SIGTERM here from now on (in the main thread only: Python delivers signals there)."
-        if threading.current_thread() is threading.main_thread() and not self._old:
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():   # (again, where something else took one since)
+            for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, self._handle)
         return self
-
-    def uninstall(self):
-        "Give SIGINT and SIGTERM back to the handlers they had before `install`."
-        for s, h in self._old.items(): signal.signal(s, h)
-        self._old = {}
 
     def at_once(self, what:str|None=None, # what became of the work, said after "Stopped by SIGINT "
                 hard:bool=False, # exit there and then (while importing, no exception may run through half-made modules)
@@ -64,16 +59,16 @@ class Signals:
     @contextlib.contextmanager
     def held(self):
         """Phase three, for a block that must not be cut in half (files moved into place, a cleanup): a signal waits
-        until the block is over, then acts as it would have acted outside it (outside any `install`: as before it)."""
+        until the block is over, then goes to the handler it would have gone to (ours, in its phase, or another's)."""
         if threading.current_thread() is not threading.main_thread(): yield; return   # no signal is delivered here
-        ours = bool(self._old)
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         outer, self.holding = self.holding, []
-        self.install()
+        for s in before: signal.signal(s, self._handle)
         try: yield
         finally:
             got, self.holding = self.holding, outer
-            if not ours: self.uninstall()
-            if got: signal.raise_signal(got[0])   # now, to whatever handles it outside the block
+            for s, h in before.items(): signal.signal(s, h)
+            if got: signal.raise_signal(got[0])   # now, to the handler of before the block
 
     def check(self):
         "Raise `StopRequested` if a stop was requested."

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer, Regex, models, pre_tokenizers, decoders, trainers
-from .core import LMBasicsError, cli_errors, CLIParser, Console
+from .core import LMBasicsError, cli_errors, CLIParser, Console, SIGNALS
 from .data import open_tokens, shakespeare_plays, peak_rss_mb
 
 # %% auto #0
@@ -353,16 +353,6 @@ def _wait(fut:Future, nap:float=0.1):
         try: return fut.result(timeout=nap)   # a signal that lands on another thread does not wake an endless wait
         except TimeoutError: pass
 
-@contextlib.contextmanager
-def _signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
-    "Hold `signals` while the block runs (it must not be cut in half), then deliver them; only the main thread can."
-    if threading.current_thread() is not threading.main_thread(): yield; return
-    got, old = [], {s: signal.getsignal(s) for s in signals}
-    for s in signals: signal.signal(s, lambda signum, frame: got.append(signum))
-    try: yield
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-        if got: signal.raise_signal(got[0])   # to the handler the caller had
 
 # %% ../nbs/05_tokenize.ipynb #97c7a6bd
 def _input_changed(f:Path, what:str) -> LMBasicsError:
@@ -585,7 +575,7 @@ def encode_splits(scan:Scan, # the scanned inputs
         files.close()
         seconds = time.perf_counter() - t0
     except BaseException:
-        with _signals_held(): files.abandon()   # a second Ctrl-C does not cut this short
+        with SIGNALS.held(): files.abandon()   # a second Ctrl-C does not cut this short
         raise
     tokens = {k: w.count for k, w in files.writers.items()}
     if not all(tokens.values()):
@@ -608,7 +598,7 @@ class Staging:
     def publish(self, names=PREPARED_FILES):
         "Move the files into `out`: all of them, or (if this is cut short) none."
         self.check_inputs()   # the files were what the scan saw, to the end
-        with _signals_held():   # all four files or none: a signal now waits until they are in place
+        with SIGNALS.held():   # all four files or none: a signal now waits until they are in place
             for n in names: os.replace(self.work/n, self.out/n)
             self.published = True
             self.work.rmdir()
@@ -618,7 +608,7 @@ class Staging:
             if e is not None and not self.published: self._abandon(e)
         finally: os.close(self.lock)   # the next prepare into `out` may start
     def _abandon(self, e:BaseException):
-        with _signals_held(): _cleanup(self.work, self.created)   # a second Ctrl-C does not cut the cleanup short
+        with SIGNALS.held(): _cleanup(self.work, self.created)   # a second Ctrl-C does not cut the cleanup short
         if isinstance(e, (LMBasicsError, OSError)): self.check_inputs()   # an input changed explains any error best
         if ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
                 or 'No space left on device' in str(e)):   # (the tokenizer's own save says it in its message)

@@ -120,6 +120,10 @@ def serve(sock):
     import torch  # noqa: F401  (the point of this server)
     import numpy, tokenizers  # noqa: F401
     import lm_basics.cli, lm_basics.train, lm_basics.tokenize, lm_basics.generate, lm_basics.records, lm_basics.bench, lm_basics.export  # noqa: F401
+    # what a run imports only once it runs, and a tiny run would spend most of its time importing (measured: 6.5 s
+    # in-process for the first tiny run, 1.6 s once these are in): the loss plot's matplotlib (its backend from the
+    # suite's MPLBACKEND), the parts of PyTorch building a model on the meta device pulls in, and W&B
+    import matplotlib.pyplot, torch._dynamo, wandb  # noqa: F401
     assert threading.active_count() == 1, f"threads running before fork: {threading.enumerate()}"
     r, w = os.pipe()
     os.set_blocking(w, False)

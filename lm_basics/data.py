@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 import numpy as np
 import torch
-from .core import LMBasicsError, resolve_device, cache_dir
+from .core import LMBasicsError, resolve_device, cache_dir, atomic_write
 
 # %% auto #0
 __all__ = ['INT_DTYPES', 'NPY_MAGIC', 'ZIP_MAGIC', 'WIDER', 'BUILTIN_DATASETS', 'looks_like_text', 'open_tokens', 'save_tokens',
@@ -120,20 +120,11 @@ def save_tokens(path:str|Path, # destination `.npy` (or raw `.bin`/`.ids`) file
                 ids, # a 1-D integer array-like of token ids
                 dtype:str|None=None, # element type; default: uint16 when every id fits, else uint32
                ) -> Path:
-    "Write token ids to `path` atomically."
-    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-    ids = np.asarray(ids)
+    "Write token ids to `path` atomically (`atomic_write`: a reader never sees half a file)."
+    p, ids = Path(path), np.asarray(ids)
     if dtype is None: dtype = 'uint16' if (ids.size == 0 or int(ids.max()) < 2**16) else 'uint32'
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, 'wb') as f:
-            if p.suffix.lower() == '.npy': np.save(f, ids.astype(dtype, copy=False))
-            else: ids.astype(dtype, copy=False).tofile(f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return p
+    ids = ids.astype(dtype, copy=False)
+    return atomic_write(p, (lambda f: np.save(f, ids)) if p.suffix.lower() == '.npy' else ids.tofile, mkdir=True)
 
 # %% ../nbs/01_data.ipynb #8ca16557
 def release_pages(data:np.ndarray):
@@ -426,8 +417,7 @@ def _prepare_builtin(name, train, val, meta):
         save_tokens(train, tr_ids, 'uint16'); save_tokens(val, va_ids, 'uint16')
         m = dict(name=name, tokenizer='bytes', vocab_size=256, dtype='uint16', train_tokens=len(tr_ids),
                  val_tokens=len(va_ids), val_documents=val_names, train_documents=len(names) - len(val_names))
-        tmp = meta.with_name(f'.meta.json.tmp-{os.getpid()}'); tmp.write_text(json.dumps(m, indent=2))
-        os.replace(tmp, meta)
+        atomic_write(meta, json.dumps(m, indent=2))
     except OSError as e:
         raise LMBasicsError(f"cannot write the {name} dataset to {train.parent} ({e.strerror}); set LM_BASICS_CACHE to "
                             f"a writable directory") from None

@@ -351,8 +351,8 @@ def check_bench(cfg:dict, # the benchmark's settings (`BENCH_FLAGS`)
     for k, low in (('steps', 1), ('warmup', 0), ('batch_size', 1), ('loss_chunk', 0)):
         if cfg[k] < low: raise LMBasicsError(f"--{k} must be at least {low}, got {cfg[k]}")
     d_ff = cfg['d_ff'] or int(8 * cfg['d_model'] / 3 + 7) // 8 * 8
-    check_model_args(cfg['vocab_size'], cfg['context_length'], cfg['d_model'], cfg['num_layers'], cfg['num_heads'],
-                     d_ff)
+    check_model_args({**{k: cfg[k] for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads')},
+                      'd_ff': d_ff})
     with torch.device('meta'):
         params = sum(p.numel()
                      for p in TransformerLM(cfg['vocab_size'], 1, cfg['d_model'], 1, cfg['num_heads'],

@@ -157,7 +157,7 @@ def validate(cfg:TrainConfig) -> TrainConfig:
     for k in TYPES:   # no NaN or infinity anywhere
         v = getattr(cfg, k)
         if isinstance(v, float): need(math.isfinite(v), f"{k} must be a finite number, got {v}")
-    check_model_args(**{k: getattr(cfg, k) for k in MODEL_ARGS})   # the architecture's rules are the model's
+    check_model_args({k: getattr(cfg, k) for k in MODEL_ARGS})   # the architecture's rules are the model's
     for k in INT_RANGES:
         if getattr(cfg, k) is not None: _check_int(k, getattr(cfg, k))
     need(cfg.batch_size * cfg.gradient_accumulation_steps <= 2**24,   # one step draws all its rows at once

@@ -173,26 +173,18 @@ class TransformerBlock(nn.Module):
 # %% ../nbs/02_model.ipynb #001d2c33
 MAX_SIZE, MAX_VOCAB = 2**20, 2**31 - 1   # largest width, depth, head count and context; largest vocabulary (int32 ids)
 
-def check_model_args(vocab_size:int, # number of distinct token ids
-                     context_length:int, # longest sequence the model accepts
-                     d_model:int, # width of the residual stream
-                     num_layers:int, # number of Transformer blocks
-                     num_heads:int, # attention heads per block
-                     d_ff:int, # hidden width of the feed-forward
-                     rope_theta:float=10000.0, # RoPE base frequency
-                     tie_embeddings:bool=False, # share the embedding matrix with the LM head
-                     qk_norm:bool=False, # RMS-normalise queries and keys per head
-                     activation:str='swiglu', # feed-forward: 'swiglu' or 'relu2'
-                     num_kv_heads:int|None=None, # key/value heads (None: num_heads); must divide num_heads
+def check_model_args(args:dict, # the architecture: `TransformerLM`'s arguments by name (`MODEL_ARGS`); the six sizes
+                     # are required, the others default as in `TransformerLM`
                     ):
-    "Raise `LMBasicsError` naming the first architecture setting that cannot build a model, and the fix."
-    sizes = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
-                 num_layers=num_layers, num_heads=num_heads, d_ff=d_ff)
+    "Raise `LMBasicsError` naming the first architecture setting in `args` that cannot build a model, and the fix."
+    sizes = {k: args[k] for k in ('vocab_size', 'context_length', 'd_model', 'num_layers', 'num_heads', 'd_ff')}
     for k, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise LMBasicsError(f"{k} must be a positive integer, got {v}")
         limit = MAX_VOCAB if k == 'vocab_size' else MAX_SIZE
         if v > limit: raise LMBasicsError(f"{k} {v:,} is too large (at most {limit:,})")
+    d_model, num_heads, num_kv_heads = sizes['d_model'], sizes['num_heads'], args.get('num_kv_heads')
+    rope_theta, activation = args.get('rope_theta', 10000.0), args.get('activation', 'swiglu')
     if d_model % num_heads:
         h = (max(h for h in range(1, min(num_heads, d_model) + 1) if d_model % h == 0 and (d_model // h) % 2 == 0)
              if d_model % 2 == 0 else 1)
@@ -211,8 +203,8 @@ def check_model_args(vocab_size:int, # number of distinct token ids
     if (isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real)
         or not (math.isfinite(rope_theta) and rope_theta > 0)):
         raise LMBasicsError(f"rope_theta must be a positive finite number, got {rope_theta}")
-    for k, v in dict(tie_embeddings=tie_embeddings, qk_norm=qk_norm).items():
-        if not isinstance(v, bool): raise LMBasicsError(f"{k} must be true or false, got {v!r}")
+    for k in ('tie_embeddings', 'qk_norm'):
+        if not isinstance(v := args.get(k, False), bool): raise LMBasicsError(f"{k} must be true or false, got {v!r}")
     if activation not in ACTIVATIONS:
         raise LMBasicsError(f"activation must be {' or '.join(ACTIVATIONS)}, got {activation!r}")
 
@@ -235,11 +227,11 @@ class TransformerLM(nn.Module):
                  num_kv_heads:int|None=None, # key/value heads, each shared by a group of query heads (None: num_heads)
                 ):
         super().__init__()
-        check_model_args(vocab_size, context_length, d_model, num_layers, num_heads, d_ff, rope_theta, tie_embeddings,
-                         qk_norm, activation, num_kv_heads)
-        self.config = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model, num_layers=num_layers,
-                           num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
-                           qk_norm=qk_norm, activation=activation, num_kv_heads=num_kv_heads or num_heads)
+        args = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model, num_layers=num_layers,
+                    num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta, tie_embeddings=tie_embeddings,
+                    qk_norm=qk_norm, activation=activation, num_kv_heads=num_kv_heads)
+        check_model_args(args)
+        self.config = {**args, 'num_kv_heads': num_kv_heads or num_heads}
         self.rope = RotaryEmbedding(d_model // num_heads, context_length, rope_theta)
         self.token_embeddings = nn.Embedding(vocab_size, d_model)
         self.layers = nn.ModuleList([TransformerBlock(d_model, num_heads, d_ff, self.rope, qk_norm, activation,

@@ -186,7 +186,7 @@ def llama_architecture(config:dict, # a Llama's config.json
                  num_kv_heads=config.get('num_key_value_heads') or nh,
                  rope_theta=float(rope.get('rope_theta', config.get('rope_theta', 10000.0))),
                  tie_embeddings=bool(config.get('tie_word_embeddings', False)), qk_norm=False, activation='swiglu')
-    try: check_model_args(**args)
+    try: check_model_args(args)
     except LMBasicsError as e: raise LMBasicsError(f"{name}: {e}") from None
     return {k: args[k] for k in MODEL_ARGS}
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest, torch
 
 
-BENCH = Path(sys.executable).parent/'lm_basics_bench'
 
 
 def losses(lm, d): return [v for _, v in lm.series(lm.read_metrics(Path(d)/'metrics.jsonl'), 'train/loss')]
@@ -82,12 +81,13 @@ def test_float16_on_cpu_is_a_clear_error(tmp_path, corpus, lm):
 TINY_BENCH = ['--vocab_size', '512', '--context_length', '64', '--d_model', '64', '--num_layers', '2', '--num_heads', '2',
               '--batch_size', '4', '--steps', '2', '--warmup', '1']
 
-def bench(*args, cwd, timeout=600):
-    return subprocess.run([str(BENCH), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def bench(lm, *args, cwd, timeout=600):
+    "Run `lm_basics_bench ARGS` to the end, forked from the suite's fork server (its variants still run in processes of their own)."
+    return lm.run(*args, cwd=cwd, script='lm_basics_bench', timeout=timeout)
 
 
-def test_bench_writes_its_table_and_profile(tmp_path):
-    p = bench(*TINY_BENCH, '--variants', 'eager:float32,eager:bfloat16', '--profile', '--out', tmp_path/'res', cwd=tmp_path)
+def test_bench_writes_its_table_and_profile(tmp_path, lm):
+    p = bench(lm, *TINY_BENCH, '--variants', 'eager:float32,eager:bfloat16', '--profile', '--out', tmp_path/'res', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert 'each run probes its own peak' in p.stdout and f"wrote {tmp_path/'res'}.md" in p.stdout   # no one probe for all rows
     res = json.loads((tmp_path/'res.json').read_text())
@@ -108,10 +108,10 @@ def test_bench_writes_its_table_and_profile(tmp_path):
     assert '`aten::mm`' in md or '`aten::addmm`' in md
 
 
-def test_bench_takes_a_training_config(tmp_path):
+def test_bench_takes_a_training_config(tmp_path, lm):
     "`--config` benchmarks what lm_basics_train would build from the file; flags given beside it win."
     cfg = Path(__file__).resolve().parents[1]/'configs'/'demo.json'
-    p = bench('--config', cfg, '--variants', 'eager:float32', '--steps', '1', '--warmup', '1', '--batch_size', '4',
+    p = bench(lm, '--config', cfg, '--variants', 'eager:float32', '--steps', '1', '--warmup', '1', '--batch_size', '4',
               '--out', tmp_path/'res', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     got, demo = json.loads((tmp_path/'res.json').read_text())['config'], json.loads(cfg.read_text())
@@ -127,9 +127,9 @@ def test_bench_takes_a_training_config(tmp_path):
     (['--device', 'cuda'], 'no CUDA GPU'),
     (['--config', 'missing.json'], 'config file not found: missing.json'),
 ])
-def test_bench_bad_input_is_one_clear_error(tmp_path, args, message):
+def test_bench_bad_input_is_one_clear_error(tmp_path, args, message, lm):
     if args == ['--device', 'cuda'] and torch.cuda.is_available(): pytest.skip('this machine has a GPU')
-    p = bench(*TINY_BENCH, *args, '--out', tmp_path/'res', cwd=tmp_path, timeout=120)
+    p = bench(lm, *TINY_BENCH, *args, '--out', tmp_path/'res', cwd=tmp_path, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith('error: ') and message in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr + p.stdout and not (tmp_path/'res.md').exists()
 
@@ -160,9 +160,9 @@ def test_gradient_accumulation_is_one_large_batch(tmp_path, corpus, lm):
     for k in wa: torch.testing.assert_close(wr[k], wa[k], atol=0, rtol=0, msg=k)
 
 
-def test_bench_baseline_runs_the_reference_beside_lm_basics(tmp_path):
+def test_bench_baseline_runs_the_reference_beside_lm_basics(tmp_path, lm):
     "`--baseline`: the plain reference step and the trainer's, alternately, each in its own process, then side by side."
-    p = bench(*TINY_BENCH, '--baseline', '--rounds', '2', '--variants', 'eager:float32', '--out', tmp_path/'res', cwd=tmp_path)
+    p = bench(lm, *TINY_BENCH, '--baseline', '--rounds', '2', '--variants', 'eager:float32', '--out', tmp_path/'res', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path/'res.json').read_text())
     # round 0: the reference first; round 1: lm_basics first (so that a machine getting slower or faster favours neither)
@@ -176,7 +176,7 @@ def test_bench_baseline_runs_the_reference_beside_lm_basics(tmp_path):
     md = (tmp_path/'res.md').read_text()
     assert md.startswith('Command: `lm_basics_bench ') and '--baseline' in md.splitlines()[0]
     assert '| eager float32 |' in md and '| reference eager float32 |' in md and 'lm_basics / reference' in md
-    bad = bench(*TINY_BENCH, '--baseline', '--rounds', '0', '--out', tmp_path/'bad', cwd=tmp_path, timeout=120)
+    bad = bench(lm, *TINY_BENCH, '--baseline', '--rounds', '0', '--out', tmp_path/'bad', cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith('error: --rounds must be at least 1'), bad.stderr
 
 
@@ -293,9 +293,9 @@ def test_cuda_peak_table_knows_this_gpu():
 
 
 @needs_cuda
-def test_cuda_bench_runs_on_the_gpu(tmp_path):
+def test_cuda_bench_runs_on_the_gpu(tmp_path, lm):
     "lm_basics_bench on the GPU: bfloat16 and float16 (with its scaler), the datasheet peak, the CUDA memory peak."
-    p = bench(*TINY_BENCH, '--device', 'cuda', '--variants', 'eager:bfloat16,eager:float16', '--out', tmp_path/'res', cwd=tmp_path)
+    p = bench(lm, *TINY_BENCH, '--device', 'cuda', '--variants', 'eager:bfloat16,eager:float16', '--out', tmp_path/'res', cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     res = json.loads((tmp_path/'res.json').read_text())
     assert 'datasheet' in res['peak_source'] and [r['dtype'] for r in res['rows']] == ['bfloat16', 'float16']

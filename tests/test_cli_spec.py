@@ -159,7 +159,7 @@ def resumed(runs, tmp_path_factory, corpus, lm) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- English
-def test_basic_training(lm, runs, corpus):
+def test_data_paths_and_max_iters_alone_train_on_the_defaults(lm, runs, corpus):
     "`--train_data_path/--val_data_path/--vocab_size/--max_iters`, everything else from the defaults."
     ws, run = runs['basic']
     log, recs = lm.check_training_run(run, checkpoint_dir=ws/'checkpoints', train_tokens=corpus.n_train,
@@ -168,7 +168,7 @@ def test_basic_training(lm, runs, corpus):
     # the model learns something in 20 steps: it stops spreading probability over 10000 ids for 256-valued bytes
     assert log.evals[-1][2] < log.evals[0][2] - 0.1, log.evals
 
-def test_full_configuration(lm, runs, corpus):
+def test_every_flag_of_the_full_command_reaches_the_table_checkpoints_and_wandb(lm, runs, corpus):
     ws, run = runs['full']
     ckdir = ws/'checkpoints'/'my_run'
     log, recs = lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
@@ -208,14 +208,14 @@ def test_resume_as_written_adopts_the_checkpoint(lm, resumed, corpus):
     first_run, *later = lm.offline_runs(ckdir)
     assert later and {p.name.rsplit('-', 1)[1] for p in [first_run, *later]} == {first_run.name.rsplit('-', 1)[1]}
 
-def test_quick_test_run_with_python_m(lm, runs, corpus):
+def test_python_m_lm_basics_train_runs_the_quick_test(lm, runs, corpus):
     "The quick test run, through `python -m lm_basics.train`."
     ws, run = runs['quick']
     assert run.args[1:3] == ['-m', 'lm_basics.train'], run.args
     lm.check_training_run(run, checkpoint_dir=ws/'checkpoints', train_tokens=corpus.n_train, val_tokens=corpus.n_val,
                           expect=dict(vocab_size=10000, d_model=32, num_layers=1, batch_size=4))
 
-def test_production_training(lm, runs, corpus):
+def test_production_command_names_its_wandb_project_and_run(lm, runs, corpus):
     ws, run = runs['production']
     ckdir = ws/'checkpoints'/'large_model'
     lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
@@ -226,7 +226,7 @@ def test_production_training(lm, runs, corpus):
 
 
 # ---------------------------------------------------------------------------------------------------- Chinese
-def test_config_file_then_resume(lm, runs, resumed, corpus):
+def test_flags_override_a_config_file_and_its_run_resumes_with_new_data_flags(lm, runs, resumed, corpus):
     """`--config configs/tinystories_small.json` (its data paths exist in the workspace), kebab-case size flags override
     the file; then `--config ... --resume CHECKPOINT` with `--train-data/--val-data` overrides continues the run."""
     ws, run = runs['config_small']
@@ -248,7 +248,7 @@ def test_config_file_then_resume(lm, runs, resumed, corpus):
     assert 'Resume: max_iters: 20 -> 30' in log2.lines, run2
     assert sorted(p.name for p in ckdir2.glob('checkpoint_iter_*.pt')) == [f'checkpoint_iter_{i}.pt' for i in (10, 20, 30)]
 
-def test_config_gpt2_124M(lm, runs, corpus):
+def test_gpt2_config_trains_in_bfloat16_with_accumulation(lm, runs, corpus):
     "The GPT-2 config: bfloat16 autocast and 8 accumulation micro-steps, at CPU size."
     ws, run = runs['config_gpt2']
     shipped = json.loads((ws/'configs'/'gpt2_124M.json').read_text())
@@ -258,14 +258,14 @@ def test_config_gpt2_124M(lm, runs, corpus):
         val_tokens=corpus.n_val, expect=dict(dtype='bfloat16', gradient_accumulation_steps=8, d_model=32, wandb_run_name='gpt2-124M-12L-768d'))
     assert log.count('Tokens per iteration:') == 2 * 16 * 8
 
-def test_kebab_case_flags(lm, runs, corpus):
+def test_kebab_case_flags_train_like_snake_case(lm, runs, corpus):
     "The document's command line in `--kebab-case` with `--train-data/--val-data` on `.npy` files."
     ws, run = runs['kebab']
     lm.check_training_run(run, checkpoint_dir=ws/'checkpoints', train_tokens=corpus.n_train, val_tokens=corpus.n_val,
         expect=dict(vocab_size=10000, train_data_path='data/tokenized/tinystories_train.uint16.npy',
                     val_data_path='data/tokenized/tinystories_valid.uint16.npy', max_iters=20))
 
-def test_wandb_flags(lm, runs, corpus):
+def test_wandb_flags_log_an_offline_run_with_project_name_and_tags(lm, runs, corpus):
     "`--wandb --wandb-project --wandb-run-name --wandb-tags`, with the config's data and checkpoint_dir overridden."
     ckdir, ws, run = runs['wandb_flags']
     lm.check_training_run(run, checkpoint_dir=ckdir, train_tokens=corpus.n_train, val_tokens=corpus.n_val,
@@ -275,7 +275,7 @@ def test_wandb_flags(lm, runs, corpus):
     w = lm.read_wandb_run(wrun)
     assert (w.project, w.name, w.tags) == ('my-transformers', 'exp-1-tinystories', ['baseline', 'tinystories'])
 
-def test_wandb_from_config_file(lm, runs, corpus):
+def test_wandb_settings_in_a_config_file_log_an_offline_run(lm, runs, corpus):
     "Method 2 of the document: the W&B settings written into configs/tinystories_small.json."
     ws, run = runs['wandb_config']
     ckdir = ws/'checkpoints'/'tinystories_small'

@@ -620,6 +620,8 @@ def decide_compile(cfg:TrainConfig, state:RunState, step_secs:float|None, asked:
                                                       cfg.num_layers))
     return state.compiled, why
 
+
+# %% ../nbs/10_train.ipynb #df94c2b4
 def decide_dtype(cfg:TrainConfig, state:RunState, model, device:torch.device) -> tuple[str, str, float|None]:
     "The compute dtype and why: as given, as the run decided before, the GPU's, or on a CPU the faster one, measured."
     if cfg.dtype != 'auto': return cfg.dtype, f"--dtype {cfg.dtype} given", None
@@ -635,6 +637,7 @@ def decide_dtype(cfg:TrainConfig, state:RunState, model, device:torch.device) ->
     secs = {d: time_micro_step(cfg, model, device, d) for d in ('float32', 'bfloat16')}
     pick, why = choose_dtype(secs, 'a micro-step')
     return from_master((pick, why, secs[pick]))
+
 
 # %% ../nbs/10_train.ipynb #92a7e88e
 class Trainer:

@@ -52,10 +52,9 @@ def process(path:str) -> dict:
     warnings.filterwarnings('ignore')   # nbdev's advice on import cells is for authors, not for a docs build
     os.chdir(ROOT)                      # nbdev reads settings.ini and the doc-link index from the project
     from execnb.nbio import read_nb
-    from nbdev.processors import FilterDefaults, insert_warning
     from nbdev.process import NBProcessor
     nb = read_nb(path)
-    NBProcessor(nb=nb, procs=[p for p in FilterDefaults().procs() if p is not insert_warning]).process()
+    NBProcessor(nb=nb, procs=_docs_procs()).process()
     fm = getattr(nb, 'frontmatter_', {}) or {}
     cells = [_cell(c) for c in nb.cells if not (c.cell_type == 'raw' and c.source.startswith('---'))]
     if fm.get('title'):
@@ -63,6 +62,18 @@ def process(path:str) -> dict:
     return {'cells': [c for c in cells if c], 'nbformat': 4, 'nbformat_minor': 4, 'metadata': {
         'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
         'language_info': {'name': 'python'}}}
+
+def _docs_procs() -> list:
+    """nbdev's docs processors, less the banner of `insert_warning`, with `exec_show_docs` running only what `show_doc`
+    needs: exported cells, the hidden set-up cells (their imports name the types in signatures) and `show_doc` calls.
+    nbdev also runs a visible cell that imports something; here that is a demo out of its context (the cells above it
+    are not run), and maybe a slow one: the page shows its committed outputs."""
+    from nbdev.processors import FilterDefaults, insert_warning, exec_show_docs
+    class exec_exports(exec_show_docs):
+        def __call__(self, cell):
+            if cell.cell_type == 'code' and (cell.directives_.keys() & {'export', 'exports', 'exporti', 'exec_doc', 'hide'}
+                                             or 'show_doc(' in cell.source): super().__call__(cell)
+    return [exec_exports if p is exec_show_docs else p for p in FilterDefaults().procs() if p is not insert_warning]
 
 _re_opt = re.compile(r'^\s*#\|\s*([\w-]+)\s*:\s*(.*?)\s*$')
 _re_qattr = re.compile(r'(\]\([^)\s]*\))\{[^}\n]*\}')     # Quarto's [text](url){attrs}: keep the link

@@ -25,8 +25,9 @@ def exit_now(code:int|str|None=0, # as for `sys.exit`: None is 0, a string is pr
     second, for nothing left to do."""
     if code is None: code = 0
     elif not isinstance(code, int): print(code, file=sys.stderr); code = 1
-    for t in threading.enumerate():   # the interpreter waits for threads that are not daemons; so do we
-        if t is not threading.current_thread() and not t.daemon: t.join()
+    # what the interpreter does first: the threading module's exit hooks (those of executors' worker threads, which
+    # PyTorch's compiler uses, among them), then it waits for every thread that is not a daemon
+    threading._shutdown()
     atexit._run_exitfuncs()   # W&B's finish, multiprocessing's children, temporary files' cleanup
     for f in (sys.stdout, sys.stderr):
         try: f.flush()

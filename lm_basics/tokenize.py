@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_tokenize.ipynb #a6316642
 from __future__ import annotations
-import codecs, contextlib, errno, glob, hashlib, json, math, os, re, shutil, signal, stat, sys, threading, time
+import codecs, errno, glob, hashlib, json, math, os, re, shutil, stat, sys, threading, time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path

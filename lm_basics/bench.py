@@ -17,7 +17,7 @@ from .data import get_batch, open_tokens, peak_rss_mb
 from .model import TransformerLM, count_parameters, flops_per_token, check_model_args
 from .optim import make_optimizer
 from .config import TrainConfig, load_config_file
-from .runtime import peak_flops, matmul_probe, Peak, training_memory, available_memory
+from .runtime import matmul_probe, Peak, training_memory, available_memory
 from .train import TrainStep
 
 # %% auto #0

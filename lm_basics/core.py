@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #a6316642
 from __future__ import annotations
-import argparse, contextlib, dataclasses, difflib, errno, functools, importlib, inspect
+import argparse, contextlib, dataclasses, difflib, errno, functools, inspect
 import os, re, signal, sys, threading, typing
 from pathlib import Path
 from fastcore.docments import docments

@@ -128,7 +128,9 @@ class OptimizerConfig:
     optimizer:str='adamw' # 'adamw', or 'muon' for the blocks' matrices (with AdamW for the rest)
     muon_lr:float=0.05 # peak learning rate of the matrices under Muon
     muon_momentum:float=0.95 # Muon's (Nesterov) momentum
-    muon_weight_decay:float=0.0 # decoupled weight decay of the matrices under Muon (times the lr)
+    # decoupled weight decay of the matrices under Muon (times the lr): torch.optim.Muon's default, and without it
+    # Muon generalises worse (see recipes)
+    muon_weight_decay:float=0.1
 
 def make_optimizer(model:nn.Module, # the model to optimise
                    cfg=None, # an `OptimizerConfig`, or anything with its fields (a `TrainConfig`); None: the defaults

@@ -22,7 +22,7 @@ from .checkpoint import (RunDir, RunPlan, plan_run, check_overwrites, checkpoint
 from .generate import find_tokenizer, generate_text
 from .records import RunRecords, Kept, start_wandb
 from .config import (TrainConfig, FIELDS, validate, merge_resumed_config, resolve_accumulation, print_config,
-                              parse_config)
+                              parse_config, advice)
 from .pretrained import init_config, init_weights
 from .runtime import (resolve_dtype, choose_dtype, matmul_probe, resolve_compile, autocast_context, Peak,
                                setup_distributed, all_mean, from_master,
@@ -461,6 +461,7 @@ def plan_and_check(cfg:TrainConfig, explicit:set[str], rank:int, world:int, cons
         for c in changes: console.say(f"Resume: {c}")
     elif cfg.init_from: cfg = init_config(cfg, explicit)   # a fresh run from a transformers Llama: its architecture
     cfg = validate(dataclasses.replace(cfg, checkpoint_dir=str(plan.dir.path)))
+    for note in advice(cfg): console.say(note)   # a valid choice a measurement found worse
     check_overwrites(plan, cfg.max_iters)   # a file the run did not write, where it could save
     if cfg.fsdp and not dist.is_initialized():
         raise LMBasicsError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N -m "

@@ -190,10 +190,12 @@ def lost_peer(e:BaseException) -> LMBasicsError|None:
     if not dist.is_initialized() or not isinstance(e, RuntimeError): return None
     if not re.search(r'Connection (reset|closed)|Broken pipe|peer|Socket Timeout|timed out', str(e), re.I): return None
     host = socket.gethostname()
-    def dead(): return [r for r, (h, pid) in enumerate(PEERS) if h == host and r != dist.get_rank() and not _alive(pid)]
+    local = [(r, pid) for r, (h, pid) in enumerate(PEERS) if h == host and r != dist.get_rank()]
     # a killed process closes its sockets before it is a zombie: this rank can hear of it a moment before it shows
-    for _ in range(40):
-        if (gone := dead()): break
+    # (with no other rank on this host there is nothing to look for, and no reason to wait)
+    gone = []
+    for _ in range(40 if local else 0):
+        if (gone := [r for r, pid in local if not _alive(pid)]): break
         time.sleep(0.05)
     who = f"rank {', '.join(map(str, gone))}" if gone else "another process"
     return LMBasicsError(f"{who} of this distributed run stopped (killed or failed), so this one cannot go on; the "

@@ -109,7 +109,8 @@ def main(argv=None):
     results = Path(a.results)
     if a.table:
         from lm_basics.recipes import study_table
-        print(study_table(load(results))); return
+        rank = {v: i for i, v in enumerate(STUDY + [v for v in VARIANTS if v not in STUDY])}   # STUDY's order first
+        print(study_table(sorted(load(results), key=lambda r: (r['corpus'], rank[r['variant']], r['seed'])))); return
     variants = [v.strip() for v in a.variants.split(',') if v.strip()]
     if bad := [v for v in variants if v not in VARIANTS]: raise SystemExit(f"unknown variants {bad}; choose from {list(VARIANTS)}")
     data = {c: prepared(c, Path(a.data_root)) for c in a.corpora.split(',')}

@@ -303,7 +303,7 @@ KNOWN_WORSE = [  # (whether a configuration makes the choice, what the log says 
 ]
 
 def advice(cfg:TrainConfig) -> list[str]:
-    "A line for each choice in `cfg` that a measurement found worse than its alternative (said in the log, not refused)."
+    "A line for each choice in `cfg` a measurement found worse than its alternative (said in the log, not refused)."
     return [f"Note: {say}" for applies, say in KNOWN_WORSE if applies(cfg)]
 
 

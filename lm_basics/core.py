@@ -70,6 +70,19 @@ class Signals:
             for s, h in before.items(): signal.signal(s, h)
             if got: signal.raise_signal(got[0])   # now, to the handler of before the block
 
+    @contextlib.contextmanager
+    def lent(self):
+        """For work run as a library call (`train` in a notebook, in a pool's worker): whatever the work installs, the
+        handlers SIGINT and SIGTERM had before it, and the phase, are theirs again after it."""
+        main = threading.current_thread() is threading.main_thread()
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        phase = self.what, self.hard, self.twice, self.requested
+        try: yield self
+        finally:
+            self.what, self.hard, self.twice, self.requested = phase
+            for s, h in before.items():
+                if h is not None: signal.signal(s, h)   # (None: a handler set outside Python, which cannot be put back)
+
     def check(self):
         "Raise `StopRequested` if a stop was requested."
         if self.requested is not None: raise StopRequested()

@@ -814,8 +814,9 @@ def train(cfg:TrainConfig, # the settings of the run
           explicit:set[str]|None=None, # settings given explicitly (when resuming, the others come from the checkpoint)
           out=None, # where the log goes (default: stdout)
          ) -> dict:
-    "Train a Transformer LM as `cfg` says; return the final metrics."
-    return Trainer(cfg, explicit, out).fit()
+    """Train a Transformer LM as `cfg` says; return the final metrics. The process's handlers of SIGINT and SIGTERM are
+    as they were before, once it returns."""
+    with SIGNALS.lent(): return Trainer(cfg, explicit, out).fit()
 
 # %% ../nbs/10_train.ipynb #b18ee00c
 @cli_errors

@@ -55,7 +55,7 @@ class TrainConfig:
     muon_lr:float=0.05
     muon_momentum:float=0.95 # with --optimizer muon: Muon's Nesterov momentum
     # with --optimizer muon: decoupled weight decay of the matrices (multiplied by muon_lr); without it (0) Muon
-    # fitted the training text and generalised worse than AdamW, on later text (the recipes chapter)
+    # trained and validated worse than AdamW in the recipes chapter's study (validation on later text)
     muon_weight_decay:float=0.1
     # training
     batch_size:int=64 # sequences per optimizer step (per micro-step with accumulation)
@@ -299,7 +299,7 @@ def check_given(cfg:TrainConfig, # the settings, complete
 KNOWN_WORSE = [  # (whether a configuration makes the choice, what the log says about it)
     (lambda c: c.optimizer == 'muon' and c.muon_weight_decay == 0,
      "muon_weight_decay 0 leaves Muon's matrices undecayed: in the recipes chapter's study with validation on later "
-     "text, Muon without it generalised worse than AdamW + cosine on both corpora; the default is 0.1"),
+     "text, Muon without it trained and validated worse than AdamW + cosine on both corpora; the default is 0.1"),
 ]
 
 def advice(cfg:TrainConfig) -> list[str]:

@@ -128,8 +128,8 @@ class OptimizerConfig:
     optimizer:str='adamw' # 'adamw', or 'muon' for the blocks' matrices (with AdamW for the rest)
     muon_lr:float=0.05 # peak learning rate of the matrices under Muon
     muon_momentum:float=0.95 # Muon's (Nesterov) momentum
-    # decoupled weight decay of the matrices under Muon (times the lr): torch.optim.Muon's default, and without it
-    # Muon generalises worse (see recipes)
+    # decoupled weight decay of the matrices under Muon (times the lr): without it Muon did worse than AdamW on later
+    # text (see recipes)
     muon_weight_decay:float=0.1
 
 def make_optimizer(model:nn.Module, # the model to optimise

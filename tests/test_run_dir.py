@@ -323,12 +323,12 @@ def test_training_in_chunks_is_one_run(lm, corpus, tmp_path, recipe):
 
 
 def test_muon_without_weight_decay_is_said_in_the_log_once(lm, corpus, tmp_path):
-    """Muon with `--muon_weight_decay 0` is a valid choice that the recipes chapter's study found to generalise worse:
+    """Muon with `--muon_weight_decay 0` is a valid choice that the recipes chapter's study found to do worse:
     the run says so in one line at its start and trains; with the default decay it says nothing of the kind."""
     muon = [*flags(lm, corpus), '--optimizer', 'muon', '--lr_schedule', 'wsd', '--max_iters', 2]
     undecayed = lm.run(*muon, '--muon_weight_decay', 0, '--checkpoint_dir', tmp_path/'a', cwd=tmp_path).ok()
     notes = [l for l in undecayed.stdout.splitlines() if l.startswith('Note: muon_weight_decay 0')]
-    assert len(notes) == 1 and 'generalised worse than AdamW' in notes[0], undecayed.stdout
+    assert len(notes) == 1 and 'validated worse than AdamW' in notes[0], undecayed.stdout
     decayed = lm.run(*muon, '--checkpoint_dir', tmp_path/'b', cwd=tmp_path).ok()
     assert 'Note:' not in decayed.stdout and read_checkpoint(tmp_path/'b'/'checkpoint_iter_2.pt')['config']['muon_weight_decay'] == 0.1
 

@@ -61,13 +61,13 @@ class Signals:
         """Phase three, for a block that must not be cut in half (files moved into place, a cleanup): a signal waits
         until the block is over, then goes to the handler it would have gone to (ours, in its phase, or another's)."""
         if threading.current_thread() is not threading.main_thread(): yield; return   # no signal is delivered here
-        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         outer, self.holding = self.holding, []
-        for s in before: signal.signal(s, self._handle)
-        try: yield
+        try:
+            with self._handlers_kept():
+                for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, self._handle)
+                yield
         finally:
             got, self.holding = self.holding, outer
-            for s, h in before.items(): signal.signal(s, h)
             if got: signal.raise_signal(got[0])   # now, to the handler of before the block
 
     @contextlib.contextmanager
@@ -75,11 +75,17 @@ class Signals:
         """For work run as a library call (`train` in a notebook, in a pool's worker): whatever the work installs, the
         handlers SIGINT and SIGTERM had before it, and the phase, are theirs again after it."""
         main = threading.current_thread() is threading.main_thread()
-        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
         phase = self.what, self.hard, self.twice, self.requested
-        try: yield self
+        try:
+            with self._handlers_kept() if main else contextlib.nullcontext(): yield self
+        finally: self.what, self.hard, self.twice, self.requested = phase
+
+    @contextlib.contextmanager
+    def _handlers_kept(self):
+        "The handlers SIGINT and SIGTERM have now are theirs again after the block (main thread only)."
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try: yield
         finally:
-            self.what, self.hard, self.twice, self.requested = phase
             for s, h in before.items():
                 if h is not None: signal.signal(s, h)   # (None: a handler set outside Python, which cannot be put back)
 
